@@ -1,0 +1,40 @@
+"""jaxent: cross-entropy, KL divergence and entropy losses for JAX.
+
+Every loss is a pure function whose gradient is a hand-written ``jax.custom_vjp``
+rule (the analytic ``softmax(x) - y`` family). :mod:`jaxent.reference` holds the
+same functions in plain JAX, for forward-mode differentiation.
+"""
+
+from . import reference as reference
+from ._cross_entropy import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
+from ._cross_entropy import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from ._divergence import cross_entropy as cross_entropy
+from ._divergence import entropy as entropy
+from ._divergence import kl_divergence as kl_divergence
+from ._divergence import (
+    kl_divergence_with_log_targets as kl_divergence_with_log_targets,
+)
+from ._divergence import softmax_entropy as softmax_entropy
+from ._divergence import softmax_kl_divergence as softmax_kl_divergence
+from ._softmax import log_softmax as log_softmax
+from ._softmax import softmax as softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy",
+    "entropy",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
+    "log_softmax",
+    "reference",
+    "sigmoid_binary_cross_entropy",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "softmax_entropy",
+    "softmax_kl_divergence",
+]

@@ -1,0 +1,215 @@
+"""Trace-time argument checks and small numerical helpers shared by every loss."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axis = int | Sequence[int] | None
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def describe(x) -> str:
+    """Shape and dtype of ``x`` for error messages."""
+    shape = np.shape(x)
+    return f"{jnp.result_type(x)} array of shape {tuple(shape)}"
+
+
+def as_float(fn: str, name: str, x) -> jax.Array:
+    """``x`` as a floating-point array; a TypeError names the argument otherwise."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(
+            f"{fn}: `{name}` must be a floating-point array; got {describe(x)}."
+        )
+    return jnp.asarray(x)
+
+
+def as_int(fn: str, name: str, x) -> jax.Array:
+    """``x`` as an integer array; a TypeError names the argument otherwise."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise TypeError(
+            f"{fn}: `{name}` must be an integer array of class indices; got "
+            f"{describe(x)}. For probabilities use softmax_cross_entropy."
+        )
+    return jnp.asarray(x)
+
+
+def as_bool(fn: str, name: str, x) -> jax.Array:
+    """``x`` as a boolean mask."""
+    x = jnp.asarray(x)
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"{fn}: `{name}` must be a boolean mask; got {describe(x)}.")
+    return x
+
+
+def canonical_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Class axes as a sorted tuple of non-negative ints (``None``: all axes)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    out = []
+    for a in axes:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: `axis` must be an int or a tuple of ints; got {axis!r}."
+            ) from None
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: `axis`={axis!r} is out of range for an array of rank {ndim}; "
+                f"expected an int in [{-ndim}, {ndim - 1}]."
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out) or not out:
+        raise ValueError(f"{fn}: `axis`={axis!r} must name distinct axes.")
+    return tuple(sorted(out))
+
+
+def check_reduction(fn: str, reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{fn}: `reduction` must be one of {_REDUCTIONS}; got {reduction!r}."
+        )
+    return reduction
+
+
+def check_fraction(fn: str, name: str, value) -> float:
+    """A static Python number in [0, 1] (``label_smoothing``)."""
+    value = _static_number(fn, name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{fn}: `{name}` must be in [0, 1]; got {value!r}.")
+    return value
+
+
+def check_nonnegative(fn: str, name: str, value) -> float:
+    """A static Python number >= 0 (``z_loss``)."""
+    value = _static_number(fn, name, value)
+    if not value >= 0.0:
+        raise ValueError(f"{fn}: `{name}` must be >= 0; got {value!r}.")
+    return value
+
+
+def _static_number(fn: str, name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            f"{fn}: `{name}` must be a static Python float (it selects the "
+            f"compiled program); got {value!r}."
+        ) from None
+
+
+def check_same_shape(fn: str, name: str, x, ref_name: str, ref) -> None:
+    if np.shape(x) != np.shape(ref):
+        raise ValueError(
+            f"{fn}: `{name}` must have the shape of `{ref_name}` "
+            f"{tuple(np.shape(ref))}; got {describe(x)}."
+        )
+
+
+def check_base(fn: str, base) -> float | None:
+    if base is None:
+        return None
+    value = _static_number(fn, "base", base)
+    if not (value > 0.0 and value != 1.0):
+        raise ValueError(f"{fn}: `base` must be > 0 and != 1; got {base!r}.")
+    return value
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """Half precision is computed in float32 so the loss is not quantized."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def upcast(x: jax.Array) -> jax.Array:
+    return x.astype(compute_dtype(x.dtype))
+
+
+def dweight(w: jax.Array, v: jax.Array) -> jax.Array:
+    """Partial ``v`` of ``w * v`` w.r.t. ``w``, taken as 0 where ``w == 0`` and
+    ``v`` is infinite (a log(0) at an entry that carries no weight)."""
+    return jnp.where((w == 0) & jnp.isinf(v), jnp.zeros_like(v), v)
+
+
+def mul0(w: jax.Array, v: jax.Array) -> jax.Array:
+    """``w * v`` with ``0 * inf = 0``: a zero weight contributes nothing. Written
+    so that autodiff of it follows the same convention as :func:`dweight`."""
+    return w * dweight(w, v)
+
+
+def safe_log(v: jax.Array) -> jax.Array:
+    """``log(v)`` whose derivative at ``v == 0`` is 0 rather than NaN (the value
+    there is only used behind :func:`mul0`)."""
+    zero = v == 0
+    return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, 1.0, v)))
+
+
+def sum_to_shape(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums a broadcast gradient back to an argument's ``shape``."""
+    lead = v.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, d in enumerate(shape) if d == 1 and v.shape[lead + i] != 1
+    )
+    return jnp.sum(v, axis=axes).reshape(shape)
+
+
+def reduce_loss(
+    loss: jax.Array, reduction: str, count: jax.Array | None = None
+) -> jax.Array:
+    """Applies ``reduction`` to per-example losses; ``mean`` divides by ``count``
+    (default: the number of examples) and is 0 when ``count`` is 0."""
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    if count is None:
+        count = jnp.asarray(loss.size, loss.dtype)
+    count = count.astype(loss.dtype)
+    nonzero = count != 0
+    return jnp.where(nonzero, total / jnp.where(nonzero, count, 1), 0)
+
+
+def class_mask(fn: str, where, shape: tuple[int, ...]) -> jax.Array | None:
+    """``where`` broadcastable to the logits, as in ``jax.nn.softmax``."""
+    if where is None:
+        return None
+    where = as_bool(fn, "where", where)
+    try:
+        ok = np.broadcast_shapes(where.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn}: `where` of shape {where.shape} does not broadcast to the "
+            f"logits' shape {shape}."
+        )
+    return where
+
+
+def loss_mask(
+    fn: str, where, logits_shape: tuple[int, ...], axes: tuple[int, ...]
+) -> jax.Array | None:
+    """optax's ``where`` as a class mask broadcastable to the logits.
+
+    It is either of the logits' rank (classes to include) or of the batch shape
+    (examples to include); an excluded example is a row with no admissible class.
+    """
+    if where is None:
+        return None
+    where = as_bool(fn, "where", where)
+    if where.ndim == len(logits_shape):
+        return class_mask(fn, where, logits_shape)
+    batch_shape = tuple(d for i, d in enumerate(logits_shape) if i not in axes)
+    if where.shape == batch_shape:
+        return jnp.expand_dims(where, axes)
+    raise ValueError(
+        f"{fn}: `where` must have the logits' shape {logits_shape} (a class mask) "
+        f"or the batch shape {batch_shape} (an example mask); got {describe(where)}."
+    )

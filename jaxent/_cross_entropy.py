@@ -1,0 +1,507 @@
+"""Cross-entropy on logits: soft labels, integer labels and sigmoid (binary)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._checks import (
+    Axis,
+    as_float,
+    as_int,
+    canonical_axes,
+    check_fraction,
+    check_nonnegative,
+    check_reduction,
+    check_same_shape,
+    describe,
+    dweight,
+    loss_mask,
+    mul0,
+    reduce_loss,
+    sum_to_shape,
+    upcast,
+)
+from ._softmax import class_sum, has_class, kept_count, normalizer, probs
+
+
+class _Opts(NamedTuple):
+    axes: tuple[int, ...]
+    label_smoothing: float
+    z_loss: float
+    ignore_index: int | None
+    axis_name: Hashable | None
+
+
+def _class_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of a per-class array laid out along the class axes (keepdims)."""
+    return tuple(d if i in axes else 1 for i, d in enumerate(shape))
+
+
+def _num_local(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    return math.prod(shape[a] for a in axes)
+
+
+def _offset(n_local: int, axis_name: Hashable | None):
+    """First global class id held by this shard (0 unless vocab-parallel)."""
+    return 0 if axis_name is None else lax.axis_index(axis_name) * n_local
+
+
+def _num_classes(n_local: int, axis_name: Hashable | None):
+    return n_local if axis_name is None else lax.psum(n_local, axis_name)
+
+
+def _class_ids(shape, axes, axis_name) -> jax.Array:
+    """Global flat class id of every logit (row-major over the class axes)."""
+    kshape = _class_shape(shape, axes)
+    ids = 0
+    for a in axes:
+        ids = ids * shape[a] + lax.broadcasted_iota(jnp.int32, kshape, a)
+    return ids + _offset(_num_local(shape, axes), axis_name)
+
+
+def _target_weight(weights, labels, n_local, axis_name) -> jax.Array:
+    """``weights[labels]`` per example; with vocab-parallel weights each shard
+    contributes the labels it holds."""
+    local = labels - _offset(n_local, axis_name)
+    w = jnp.take(weights, jnp.clip(local, 0, n_local - 1))
+    if axis_name is None:
+        return w
+    return lax.psum(jnp.where((local >= 0) & (local < n_local), w, 0), axis_name)
+
+
+def _kept_rows(opts: _Opts, labels, cmask) -> jax.Array | None:
+    """Boolean keepdims mask of counted examples, or None when all count."""
+    keep = None if cmask is None else has_class(cmask, opts.axes, opts.axis_name)
+    if labels is not None and opts.ignore_index is not None:
+        counted = jnp.expand_dims(labels, opts.axes) != opts.ignore_index
+        keep = counted if keep is None else keep & counted
+    return keep
+
+
+# The softmax cross-entropy family. Every variant is
+#   loss = sum(Y) * logsumexp(x) - <Y, x>   (+ z_loss * logsumexp(x)**2)
+# with an implicit target Y = (1 - eps) * dense + a * onehot(label) + b * u, where
+# a = (1 - eps) * weights[label], b = eps / C and u = weights (or 1) on the
+# admissible classes; its one backward is  g * (softmax(x) * sum(Y) - Y).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _softmax_ce(opts, x, dense, labels, weights, cmask):
+    return _softmax_ce_fwd(opts, x, dense, labels, weights, cmask)[0]
+
+
+def _smoothing_weights(opts, shape, weights, cmask, dtype):
+    """The per-class ``u`` of label smoothing (None means all ones)."""
+    u = (
+        None
+        if weights is None
+        else weights.astype(dtype).reshape(_class_shape(shape, opts.axes))
+    )
+    if cmask is not None:
+        # Broadcast in full: a mask may be [N, 1] (examples) or [1, C] (classes).
+        cmask = jnp.broadcast_to(cmask, shape)
+        u = cmask.astype(dtype) if u is None else jnp.where(cmask, u, 0.0)
+    return u
+
+
+def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
+    axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
+    xf = upcast(x)
+    dtype = xf.dtype
+    n_local = _num_local(x.shape, axes)
+    m, ls = normalizer(xf, axes, cmask, name)
+    xs = xf - m
+    sumy = jnp.zeros((), dtype)
+    lin = jnp.zeros((), dtype)
+    a = xy = b = None
+    if dense is not None:
+        y = dense.astype(dtype)
+        if cmask is not None:
+            y = jnp.where(cmask, y, 0.0)
+        sumy = sumy + (1 - eps) * class_sum(y, axes, name)
+        lin = lin + (1 - eps) * class_sum(mul0(y, xs), axes, name)
+    if labels is not None:
+        hit = _class_ids(x.shape, axes, name) == jnp.expand_dims(labels, axes)
+        a = jnp.full((), 1 - eps, dtype)
+        if weights is not None:
+            w = _target_weight(weights.astype(dtype), labels, n_local, name)
+            a = a * jnp.expand_dims(w, axes)
+        xy = class_sum(jnp.where(hit, xs, 0.0), axes, name)
+        sumy = sumy + a
+        lin = lin + mul0(a, xy)
+    if eps:
+        u = _smoothing_weights(opts, x.shape, weights, cmask, dtype)
+        if cmask is None:
+            count = _num_classes(n_local, name)
+        else:
+            count = class_sum(
+                jnp.broadcast_to(cmask, x.shape).astype(dtype), axes, name
+            )
+        b = eps / jnp.maximum(count, 1).astype(dtype)
+        big_u = count if u is None else class_sum(u, axes, name)
+        ux = class_sum(xs if u is None else mul0(u, xs), axes, name, where=cmask)
+        sumy = sumy + b * big_u
+        lin = lin + b * ux
+    loss = sumy * ls - lin
+    if opts.z_loss:
+        loss = loss + opts.z_loss * (m + ls) ** 2
+    rowscale = _kept_rows(opts, labels, cmask)
+    if labels is not None:
+        valid = (labels >= 0) & (labels < _num_classes(n_local, name))
+        # An out-of-range label makes its example (and its gradient row) NaN.
+        nan_or_one = jnp.where(jnp.expand_dims(valid, axes), 1.0, jnp.nan)
+        rowscale = (
+            nan_or_one if rowscale is None else jnp.where(rowscale, nan_or_one, 0.0)
+        )
+    if rowscale is not None:
+        rowscale = rowscale.astype(dtype)
+        loss = jnp.where(rowscale != 0, loss * rowscale, 0.0)
+    res = (x, dense, labels, weights, cmask, m, ls, sumy, a, xy, b, rowscale)
+    return jnp.squeeze(loss, axes), res
+
+
+def _softmax_ce_bwd(opts, res, g):
+    x, dense, labels, weights, cmask, m, ls, sumy, a, xy, b, rowscale = res
+    axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
+    xf = upcast(x)
+    dtype = xf.dtype
+    coef = jnp.expand_dims(g, axes)
+    if rowscale is not None:
+        coef = coef * rowscale
+
+    def rows(v):
+        return v if rowscale is None else jnp.where(rowscale != 0, v, 0.0)
+
+    scale = sumy + 2 * opts.z_loss * (m + ls) if opts.z_loss else sumy
+    grad = probs(xf, m, ls, cmask) * scale
+    y = u = None
+    if dense is not None:
+        y = dense.astype(dtype)
+        if cmask is not None:
+            y = jnp.where(cmask, y, 0.0)
+        grad = grad - (1 - eps) * y
+    if labels is not None:
+        hit = _class_ids(x.shape, axes, name) == jnp.expand_dims(labels, axes)
+        grad = grad - jnp.where(hit, a, 0.0)
+    if b is not None:
+        u = _smoothing_weights(opts, x.shape, weights, cmask, dtype)
+        grad = grad - (b if u is None else b * u)
+    dx = rows(coef * grad).astype(x.dtype)
+
+    d_dense = None
+    if dense is not None:
+        d_dense = rows(coef * (1 - eps) * dweight(y, ls - (xf - m)))
+        if cmask is not None:
+            d_dense = jnp.where(cmask, d_dense, 0.0)
+        d_dense = d_dense.astype(dense.dtype)
+
+    d_weights = None
+    if weights is not None:
+        n_local = _num_local(x.shape, axes)
+        w = weights.astype(dtype)
+        local = labels - _offset(n_local, name)
+        w_y = jnp.take(w, jnp.clip(local, 0, n_local - 1))
+        per_row = rows(coef * (1 - eps) * dweight(jnp.expand_dims(w_y, axes), ls - xy))
+        # Out-of-shard (or out-of-range) labels scatter nowhere.
+        local = jnp.where((local >= 0) & (local < n_local), local, n_local)
+        d_weights = (
+            jnp.zeros(n_local, dtype)
+            .at[local]
+            .add(jnp.squeeze(per_row, axes), mode="drop")
+        )
+        if b is not None:
+            wk = w.reshape(_class_shape(x.shape, axes))
+            term = rows(coef * b * dweight(wk, ls - (xf - m)))
+            if cmask is not None:
+                term = jnp.where(cmask, term, 0.0)
+            batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
+            d_weights = d_weights + jnp.sum(term, axis=batch_axes).reshape(n_local)
+        d_weights = d_weights.astype(weights.dtype)
+    return dx, d_dense, None, d_weights, None
+
+
+_softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
+
+
+def _options(fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name):
+    check_reduction(fn, reduction)
+    if axis_name is not None and len(axes) != 1:
+        raise ValueError(
+            f"{fn}: vocab-parallel `axis_name` needs a single class `axis`; got "
+            f"axes {axes}."
+        )
+    return _Opts(
+        axes,
+        check_fraction(fn, "label_smoothing", label_smoothing),
+        check_nonnegative(fn, "z_loss", z_loss),
+        ignore_index,
+        axis_name,
+    )
+
+
+def _batch_shape(shape, axes):
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with probability (one-hot or soft) labels.
+
+    .. math:: \ell = -\sum_c y_c \log \mathrm{softmax}(x)_c
+        = \Big(\sum_c y_c\Big) \log\sum_k e^{x_k} - \sum_c y_c x_c
+
+    with smoothed labels ``y = (1 - label_smoothing) * labels + label_smoothing / C``
+    (as in PyTorch) and ``z_loss * logsumexp(x)**2`` added per example.
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      labels: probabilities of the logits' shape.
+      axis: class axis (or axes; ``None`` for all).
+      where: boolean mask of the logits' shape (classes to include) or of the
+        batch shape (examples to include), as in optax; excluded examples give 0
+        and do not count in a mean.
+      label_smoothing: in ``[0, 1]``.
+      z_loss: coefficient of the ``logsumexp(x)**2`` penalty.
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted
+        examples; 0 if none is counted).
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+
+    Returns:
+      the batch-shaped losses (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> jaxent.softmax_cross_entropy(logits, labels).round(4)
+      Array([0.2761, 2.9518], dtype=float32)
+
+    Note:
+      Gradient w.r.t. logits ``softmax(x) * sum(y) - y``; w.r.t. labels
+      ``-(1 - label_smoothing) * log_softmax(x)``. A ``-inf`` logit under a zero
+      label contributes 0 to the value and both gradients; a positive label on a
+      ``-inf`` logit gives ``+inf``. ``+inf``/NaN logits give NaN. Not usable with
+      ``jax.jvp`` (custom_vjp): use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "softmax_cross_entropy"
+    x = as_float(fn, "logits", logits)
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.floating):
+        raise TypeError(
+            f"{fn}: `labels` must be floating-point probabilities; got "
+            f"{describe(labels)}. For class indices use "
+            "softmax_cross_entropy_with_integer_labels."
+        )
+    labels = jnp.asarray(labels)
+    check_same_shape(fn, "labels", labels, "logits", x)
+    axes = canonical_axes(fn, axis, x.ndim)
+    opts = _options(fn, axes, label_smoothing, z_loss, reduction, None, axis_name)
+    cmask = loss_mask(fn, where, x.shape, axes)
+    loss = _softmax_ce(opts, x, labels, None, None, cmask)
+    count = kept_count(cmask, axes, loss.shape, axis_name)
+    return reduce_loss(loss, reduction, count).astype(x.dtype)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with integer class labels (PyTorch semantics).
+
+    .. math:: \ell_i = (1-\varepsilon)\, w_{y_i} (\mathrm{lse}_i - x_{i y_i})
+        + \frac{\varepsilon}{C} \sum_c w_c (\mathrm{lse}_i - x_{ic})
+        + z\, \mathrm{lse}_i^2
+
+    equal to ``torch.nn.functional.cross_entropy`` with class indices for every
+    ``weight``/``ignore_index``/``label_smoothing``/``reduction``; ``"mean"``
+    divides by the summed weight of the counted examples, and is 0 (with zero
+    gradient) when none is counted. No one-hot array is built.
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      labels: integer class ids, the logits' shape without ``axis``.
+      axis: class axis (or axes: labels are then flat indices over them).
+      where: boolean mask of the batch shape (examples to count) or, as in
+        optax, of the logits' shape (classes to include).
+      weights: per-class weights ``[C]``.
+      ignore_index: a label value whose examples are not counted.
+      label_smoothing: ``eps`` in ``[0, 1]``.
+      z_loss: ``z``, the coefficient of the PaLM/T5X ``logsumexp**2`` penalty.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``
+        (labels are global ids; ``weights`` are sharded like the classes).
+
+    Returns:
+      the batch-shaped losses (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> jaxent.softmax_cross_entropy_with_integer_labels(
+      ...     logits, jnp.array([0, 1]), reduction="mean").round(4)
+      Array(1.614, dtype=float32)
+
+    Note:
+      Gradient w.r.t. logits ``g * (softmax(x) * (sum(Y) + 2 z lse) - Y)`` with the
+      implicit target ``Y``. An out-of-range label that is not ``ignore_index``
+      gives NaN for its example (value and gradient row). A label on a ``-inf``
+      logit gives ``+inf``; ``+inf``/NaN logits give NaN. Not usable with
+      ``jax.jvp`` (custom_vjp): use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "softmax_cross_entropy_with_integer_labels"
+    x = as_float(fn, "logits", logits)
+    labels = as_int(fn, "labels", labels)
+    axes = canonical_axes(fn, axis, x.ndim)
+    batch_shape = _batch_shape(x.shape, axes)
+    if labels.shape != batch_shape:
+        raise ValueError(
+            f"{fn}: `labels` must have the logits' shape without the class axis "
+            f"{batch_shape}; got {describe(labels)}."
+        )
+    if ignore_index is not None:
+        try:
+            ignore_index = int(ignore_index)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            raise TypeError(
+                f"{fn}: `ignore_index` must be a static int; got {ignore_index!r}."
+            ) from None
+    opts = _options(
+        fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name
+    )
+    n_local = _num_local(x.shape, axes)
+    if weights is not None:
+        weights = as_float(fn, "weights", weights)
+        if weights.shape != (n_local,):
+            raise ValueError(
+                f"{fn}: `weights` must have shape ({n_local},), one per class; "
+                f"got {describe(weights)}."
+            )
+    cmask = loss_mask(fn, where, x.shape, axes)
+    loss = _softmax_ce(opts, x, None, labels, weights, cmask)
+    count = None
+    if reduction == "mean":
+        keep = _kept_rows(opts, labels, cmask)
+        if weights is not None:
+            w = _target_weight(weights.astype(loss.dtype), labels, n_local, axis_name)
+            count = jnp.sum(
+                w if keep is None else jnp.where(jnp.squeeze(keep, axes), w, 0)
+            )
+        elif keep is not None:
+            count = jnp.sum(jnp.broadcast_to(jnp.squeeze(keep, axes), batch_shape))
+    return reduce_loss(loss, reduction, count).astype(x.dtype)
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    pos_weight: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Elementwise sigmoid (binary) cross-entropy on logits.
+
+    .. math:: \ell = -\,p\, y \log \sigma(x) - (1 - y) \log(1 - \sigma(x))
+        = p\, y\, \mathrm{softplus}(-x) + (1-y)\, \mathrm{softplus}(x)
+
+    with ``p = pos_weight`` (default 1): ``torch.nn.functional.
+    binary_cross_entropy_with_logits`` and ``optax.sigmoid_binary_cross_entropy``.
+
+    Args:
+      logits: floating array of any shape.
+      labels: targets in ``[0, 1]`` of the logits' shape (ints/bools are cast).
+      pos_weight: weight of the positive term, broadcastable to the logits
+        (e.g. ``[C]`` for multi-label).
+      reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all
+        elements).
+
+    Returns:
+      the logits' shape (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.sigmoid_binary_cross_entropy(jnp.array([0.0]), jnp.array([1.0]))
+      Array([0.6931472], dtype=float32)
+
+    Note:
+      Gradient w.r.t. logits ``(1 - y) sigmoid(x) - p y sigmoid(-x)`` (``sigmoid(x)
+      - y`` without ``pos_weight``); w.r.t. labels ``p softplus(-x) - softplus(x)``.
+      Stable for any finite logits; ``x = -inf`` with ``y = 0`` gives 0. Not
+      usable with ``jax.jvp``; use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "sigmoid_binary_cross_entropy"
+    x = as_float(fn, "logits", logits)
+    check_same_shape(fn, "labels", labels, "logits", x)
+    check_reduction(fn, reduction)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = labels.astype(x.dtype)
+    if pos_weight is not None:
+        pos_weight = as_float(fn, "pos_weight", pos_weight)
+        try:
+            jnp.broadcast_shapes(pos_weight.shape, x.shape)
+        except ValueError:
+            raise ValueError(
+                f"{fn}: `pos_weight` must broadcast to the logits' shape {x.shape}; "
+                f"got {describe(pos_weight)}."
+            ) from None
+    loss = _sigmoid_bce(x, labels, pos_weight)
+    return reduce_loss(loss, reduction).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _sigmoid_bce(x, y, pos_weight):
+    return _sigmoid_bce_fwd(x, y, pos_weight)[0]
+
+
+def _bce_terms(x, y, pos_weight):
+    xf = upcast(x)
+    y = y.astype(xf.dtype)
+    pw = None if pos_weight is None else pos_weight.astype(xf.dtype)
+    pos = y if pw is None else pw * y
+    return xf, y, pw, pos
+
+
+def _sigmoid_bce_fwd(x, y, pos_weight):
+    xf, y, _, pos = _bce_terms(x, y, pos_weight)
+    loss = mul0(pos, jax.nn.softplus(-xf)) + mul0(1 - y, jax.nn.softplus(xf))
+    return loss, (x, y, pos_weight)
+
+
+def _sigmoid_bce_bwd(res, g):
+    x, y_in, pos_weight = res
+    xf, y, pw, pos = _bce_terms(x, y_in, pos_weight)
+    dx = g * ((1 - y) * jax.nn.sigmoid(xf) - pos * jax.nn.sigmoid(-xf))
+    sp_neg, sp_pos = jax.nn.softplus(-xf), jax.nn.softplus(xf)
+    d_pos = dweight(pos, sp_neg)
+    dy = -dweight(1 - y, sp_pos) + (d_pos if pw is None else mul0(pw, d_pos))
+    dpw = None
+    if pw is not None:
+        dpw = g * dweight(pw, mul0(y, sp_neg))
+        dpw = sum_to_shape(dpw, pw.shape).astype(pos_weight.dtype)
+    return dx.astype(x.dtype), (g * dy).astype(y_in.dtype), dpw
+
+
+_sigmoid_bce.defvjp(_sigmoid_bce_fwd, _sigmoid_bce_bwd)

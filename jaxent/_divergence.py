@@ -1,0 +1,429 @@
+"""Information measures: entropy, cross-entropy and KL divergence."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ._checks import (
+    Axis,
+    as_float,
+    canonical_axes,
+    check_base,
+    check_reduction,
+    check_same_shape,
+    class_mask,
+    dweight,
+    loss_mask,
+    mul0,
+    reduce_loss,
+    safe_log,
+    upcast,
+)
+from ._softmax import class_sum, kept_count, normalizer, probs
+
+
+def _in_base(h: jax.Array, base: float | None) -> jax.Array:
+    return h if base is None else h / math.log(base)
+
+
+def _prepare_pair(fn, names, a, b, axis):
+    a = as_float(fn, names[0], a)
+    b = as_float(fn, names[1], b)
+    check_same_shape(fn, names[1], b, names[0], a)
+    return a, b, canonical_axes(fn, axis, a.ndim)
+
+
+def entropy(
+    probs: ArrayLike, *, axis: Axis = -1, base: float | None = None
+) -> jax.Array:
+    r"""Shannon entropy of probability vectors.
+
+    .. math:: H(p) = -\sum_c p_c \log p_c, \qquad 0 \log 0 = 0
+
+    Args:
+      probs: probabilities ``[..., C, ...]`` (not renormalized).
+      axis: class axis (or axes).
+      base: logarithm base (``None``: nats, ``2``: bits).
+
+    Returns:
+      the batch-shaped entropies, in the input dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.entropy(jnp.array([0.5, 0.5, 0.0]), base=2)
+      Array(1., dtype=float32)
+
+    Note:
+      Gradient ``-(log p + 1)``; at ``p = 0`` it is taken as 0 (the entry carries
+      no mass), so ``entropy(softmax(x))`` stays finite when the softmax
+      underflows. Negative probabilities give NaN. Not usable with ``jax.jvp``
+      (custom_vjp); use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "entropy"
+    p = as_float(fn, "probs", probs)
+    axes = canonical_axes(fn, axis, p.ndim)
+    return _in_base(_entropy(p, axes), check_base(fn, base)).astype(p.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _entropy(p, axes):
+    return _entropy_fwd(p, axes)[0]
+
+
+def _entropy_fwd(p, axes):
+    pf = upcast(p)
+    return -jnp.sum(mul0(pf, safe_log(pf)), axis=axes), p
+
+
+def _entropy_bwd(axes, p, g):
+    pf = upcast(p)
+    dp = -jnp.expand_dims(g, axes) * jnp.where(pf == 0, 0.0, safe_log(pf) + 1)
+    return (dp.astype(p.dtype),)
+
+
+_entropy.defvjp(_entropy_fwd, _entropy_bwd)
+
+
+def cross_entropy(
+    p: ArrayLike, q: ArrayLike, *, axis: Axis = -1, base: float | None = None
+) -> jax.Array:
+    r"""Cross-entropy between probability vectors.
+
+    .. math:: H(p, q) = -\sum_c p_c \log q_c
+
+    Inputs are used as given: unnormalized vectors are not renormalized.
+
+    Args:
+      p: target probabilities ``[..., C, ...]``.
+      q: predicted probabilities, the shape of ``p``.
+      axis: class axis (or axes).
+      base: logarithm base (``None``: nats, ``2``: bits).
+
+    Returns:
+      the batch-shaped cross-entropies, in ``p``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.cross_entropy(jnp.array([1.0, 0.0]), jnp.array([0.5, 0.0]), base=2)
+      Array(1., dtype=float32)
+
+    Note:
+      Gradients ``-log q`` (w.r.t. ``p``) and ``-p / q`` (w.r.t. ``q``). A zero
+      ``p`` entry contributes 0 to the value and to both gradients even where
+      ``q`` is 0; ``p > 0`` on ``q = 0`` gives ``+inf``. Not usable with
+      ``jax.jvp`` (custom_vjp); use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "cross_entropy"
+    p, q, axes = _prepare_pair(fn, ("p", "q"), p, q, axis)
+    return _in_base(_cross_entropy(p, q, axes), check_base(fn, base)).astype(p.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cross_entropy(p, q, axes):
+    return _cross_entropy_fwd(p, q, axes)[0]
+
+
+def _cross_entropy_fwd(p, q, axes):
+    h = -jnp.sum(mul0(upcast(p), safe_log(upcast(q))), axis=axes)
+    return h, (p, q)
+
+
+def _cross_entropy_bwd(axes, res, g):
+    p, q = res
+    pf, qf = upcast(p), upcast(q)
+    g = jnp.expand_dims(g, axes)
+    dp = -g * dweight(pf, safe_log(qf))
+    dq = -g * jnp.where(pf == 0, 0.0, pf / jnp.where(pf == 0, 1.0, qf))
+    return dp.astype(p.dtype), dq.astype(q.dtype)
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    *,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Kullback-Leibler divergence ``KL(targets || predictions)`` (optax's order).
+
+    .. math:: \mathrm{KL} = \sum_c t_c (\log t_c - \log \hat p_c)
+
+    Args:
+      log_predictions: log-probabilities ``[..., C, ...]``.
+      targets: probabilities, the same shape.
+      axis: class axis (or axes).
+      where: boolean mask broadcastable to the inputs; excluded entries add 0.
+
+    Returns:
+      the batch-shaped divergences, in ``log_predictions``' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.kl_divergence(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]))
+      Array(0.6931472, dtype=float32)
+
+    Note:
+      Gradients ``-t`` (w.r.t. ``log_predictions``) and ``log t + 1 - log p``
+      (w.r.t. ``targets``). Where a target is 0 the entry adds 0 and its target
+      gradient is 0 (optax's is NaN there), also under a ``-inf`` prediction.
+      Not usable with ``jax.jvp``; use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "kl_divergence"
+    lp, t, axes = _prepare_pair(
+        fn, ("log_predictions", "targets"), log_predictions, targets, axis
+    )
+    mask = class_mask(fn, where, lp.shape)
+    return _kl_divergence(lp, t, mask, axes).astype(lp.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kl_divergence(lp, t, mask, axes):
+    return _kl_divergence_fwd(lp, t, mask, axes)[0]
+
+
+def _kl_divergence_fwd(lp, t, mask, axes):
+    tf = upcast(t)
+    kl = jnp.sum(mul0(tf, safe_log(tf)) - mul0(tf, upcast(lp)), axis=axes, where=mask)
+    return kl, (lp, t, mask)
+
+
+def _kl_divergence_bwd(axes, res, g):
+    lp, t, mask = res
+    tf = upcast(t)
+    g = jnp.expand_dims(g, axes)
+    if mask is not None:
+        g = jnp.where(mask, g, 0.0)
+    dlp = -g * tf
+    # At t == 0 the t*log(t) term's partial is taken as 0; -t*log(p)'s is kept.
+    dt = g * (jnp.where(tf == 0, 0.0, safe_log(tf) + 1) - dweight(tf, upcast(lp)))
+    return dlp.astype(lp.dtype), dt.astype(t.dtype), None
+
+
+_kl_divergence.defvjp(_kl_divergence_fwd, _kl_divergence_bwd)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
+    *,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""KL divergence with targets in log space (optax's order).
+
+    .. math:: \mathrm{KL} = \sum_c e^{\ell_c} (\ell_c - \log \hat p_c)
+
+    Args:
+      log_predictions: log-probabilities ``[..., C, ...]``.
+      log_targets: target log-probabilities, the same shape.
+      axis: class axis (or axes).
+      where: boolean mask broadcastable to the inputs; excluded entries add 0.
+
+    Returns:
+      the batch-shaped divergences, in ``log_predictions``' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> lp = jnp.log(jnp.array([0.5, 0.5]))
+      >>> jaxent.kl_divergence_with_log_targets(lp, jnp.array([0.0, -jnp.inf]))
+      Array(0.6931472, dtype=float32)
+
+    Note:
+      Gradients ``-exp(l)`` and ``exp(l) (l - log p + 1)``; a ``-inf`` log-target
+      adds 0 and gets zero gradients. Not usable with ``jax.jvp``; use
+      :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "kl_divergence_with_log_targets"
+    lp, lt, axes = _prepare_pair(
+        fn, ("log_predictions", "log_targets"), log_predictions, log_targets, axis
+    )
+    mask = class_mask(fn, where, lp.shape)
+    return _kl_log_targets(lp, lt, mask, axes).astype(lp.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kl_log_targets(lp, lt, mask, axes):
+    return _kl_log_targets_fwd(lp, lt, mask, axes)[0]
+
+
+def _kl_log_targets_fwd(lp, lt, mask, axes):
+    ltf = upcast(lt)
+    t = jnp.exp(ltf)
+    kl = jnp.sum(mul0(t, ltf) - mul0(t, upcast(lp)), axis=axes, where=mask)
+    return kl, (lp, lt, mask)
+
+
+def _kl_log_targets_bwd(axes, res, g):
+    lp, lt, mask = res
+    ltf = upcast(lt)
+    t = jnp.exp(ltf)
+    g = jnp.expand_dims(g, axes)
+    if mask is not None:
+        g = jnp.where(mask, g, 0.0)
+    dlp = -g * t
+    dlt = g * (mul0(t, ltf + 1) - mul0(t, upcast(lp)))
+    return dlp.astype(lp.dtype), dlt.astype(lt.dtype), None
+
+
+_kl_log_targets.defvjp(_kl_log_targets_fwd, _kl_log_targets_bwd)
+
+
+def softmax_entropy(
+    logits: ArrayLike,
+    *,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    base: float | None = None,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Entropy of ``softmax(logits)``, computed stably from the logits.
+
+    .. math:: H = -\sum_c p_c \log p_c = \mathrm{lse}(x) - \sum_c p_c x_c,
+        \quad p = \mathrm{softmax}(x)
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      axis: class axis (or axes).
+      where: class mask of the logits' shape, or example mask of the batch shape
+        (an excluded example has entropy 0).
+      base: logarithm base (``None``: nats, ``2``: bits).
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+
+    Returns:
+      the batch-shaped entropies, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.softmax_entropy(jnp.array([0.0, 0.0, -jnp.inf]), base=2)
+      Array(1., dtype=float32)
+
+    Note:
+      Gradient ``-p * (log p + H)``, zero at ``-inf``/masked entries. Finite for
+      any finite or ``-inf`` logits (a row of all ``-inf`` has entropy 0);
+      ``+inf``/NaN logits give NaN. Not usable with ``jax.jvp``; use
+      :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "softmax_entropy"
+    x = as_float(fn, "logits", logits)
+    axes = canonical_axes(fn, axis, x.ndim)
+    mask = loss_mask(fn, where, x.shape, axes)
+    h = _softmax_entropy(x, mask, axes, axis_name)
+    return _in_base(h, check_base(fn, base)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax_entropy(x, mask, axes, axis_name):
+    return _softmax_entropy_fwd(x, mask, axes, axis_name)[0]
+
+
+def _softmax_entropy_fwd(x, mask, axes, axis_name):
+    xf = upcast(x)
+    m, ls = normalizer(xf, axes, mask, axis_name)
+    p = probs(xf, m, ls, mask)
+    h = ls - class_sum(mul0(p, xf - m), axes, axis_name)
+    return jnp.squeeze(h, axes), (x, mask, m, ls, h)
+
+
+def _softmax_entropy_bwd(axes, axis_name, res, g):
+    x, mask, m, ls, h = res
+    xf = upcast(x)
+    p = probs(xf, m, ls, mask)
+    dx = -jnp.expand_dims(g, axes) * mul0(p, (xf - m) - ls + h)
+    return dx.astype(x.dtype), None
+
+
+_softmax_entropy.defvjp(_softmax_entropy_fwd, _softmax_entropy_bwd)
+
+
+def softmax_kl_divergence(
+    logits: ArrayLike,
+    target_logits: ArrayLike,
+    *,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""``KL(softmax(target_logits) || softmax(logits))``, for distillation.
+
+    .. math:: \mathrm{KL} = \sum_c q_c (\log q_c - \log p_c),
+        \quad p = \mathrm{softmax}(x),\ q = \mathrm{softmax}(t)
+
+    Args:
+      logits: student logits ``[..., C, ...]``.
+      target_logits: teacher logits, the same shape.
+      axis: class axis (or axes).
+      where: class mask of the logits' shape, or example mask of the batch shape
+        (an excluded example gives 0 and does not count in a mean).
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over counted examples).
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+
+    Returns:
+      the batch-shaped divergences (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> x = jnp.array([[0.0, 0.0]])
+      >>> jaxent.softmax_kl_divergence(x, x)
+      Array([0.], dtype=float32)
+
+    Note:
+      Gradient w.r.t. ``logits`` is exactly ``softmax(logits) -
+      softmax(target_logits)``; w.r.t. ``target_logits`` it is ``q * (log q -
+      log p - KL)``. A ``-inf`` target logit adds 0; a ``-inf`` student logit
+      under positive target mass gives ``+inf``. Not usable with ``jax.jvp``;
+      use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "softmax_kl_divergence"
+    x, t, axes = _prepare_pair(
+        fn, ("logits", "target_logits"), logits, target_logits, axis
+    )
+    check_reduction(fn, reduction)
+    mask = loss_mask(fn, where, x.shape, axes)
+    kl = _softmax_kl(x, t, mask, axes, axis_name)
+    count = kept_count(mask, axes, kl.shape, axis_name)
+    return reduce_loss(kl, reduction, count).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _softmax_kl(x, t, mask, axes, axis_name):
+    return _softmax_kl_fwd(x, t, mask, axes, axis_name)[0]
+
+
+def _kl_terms(xf, tf, mx, lsx, mt, lst, q):
+    """``q log q - q log p`` elementwise from max-shifted logits; each product is
+    taken apart so that ``q = 0`` on ``-inf`` logits gives 0, not ``inf - inf``."""
+    return mul0(q, (tf - mt) - lst) - mul0(q, (xf - mx) - lsx)
+
+
+def _softmax_kl_fwd(x, t, mask, axes, axis_name):
+    xf, tf = upcast(x), upcast(t)
+    mx, lsx = normalizer(xf, axes, mask, axis_name)
+    mt, lst = normalizer(tf, axes, mask, axis_name)
+    q = probs(tf, mt, lst, mask)
+    kl = class_sum(_kl_terms(xf, tf, mx, lsx, mt, lst, q), axes, axis_name)
+    mass = class_sum(q, axes, axis_name)
+    return jnp.squeeze(kl, axes), (x, t, mask, mx, lsx, mt, lst, kl, mass)
+
+
+def _softmax_kl_bwd(axes, axis_name, res, g):
+    x, t, mask, mx, lsx, mt, lst, kl, mass = res
+    xf, tf = upcast(x), upcast(t)
+    g = jnp.expand_dims(g, axes)
+    p = probs(xf, mx, lsx, mask)
+    q = probs(tf, mt, lst, mask)
+    dx = g * (p * mass - q)
+    dt = g * (_kl_terms(xf, tf, mx, lsx, mt, lst, q) - q * kl)
+    return dx.astype(x.dtype), dt.astype(t.dtype), None
+
+
+_softmax_kl.defvjp(_softmax_kl_fwd, _softmax_kl_bwd)

@@ -1,0 +1,191 @@
+"""Softmax normalizers: the shared log-sum-exp and ``log_softmax`` / ``softmax``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._checks import Axis, as_float, canonical_axes, class_mask, upcast
+
+
+def class_sum(
+    v: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None, where=None
+) -> jax.Array:
+    """Sum over the class axes (keepdims), across shards when vocab-parallel."""
+    s = jnp.sum(v, axis=axes, keepdims=True, where=where)
+    return s if axis_name is None else lax.psum(s, axis_name)
+
+
+def normalizer(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Hashable | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row ``(m, ls)`` with ``logsumexp(x) = m + ls`` (keepdims).
+
+    Keeping the max ``m`` apart lets callers work with ``x - m``, which is exact
+    for large offsets (logits near 1e7 in float32 still give exactly log C).
+    A row with no admissible class (all -inf or masked out) gets ``m = ls = 0``.
+    """
+    m = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
+    if axis_name is not None:
+        m = lax.pmax(m, axis_name)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    s = class_sum(jnp.exp(x - m), axes, axis_name, where=mask)
+    # s is never in (0, 1) for an admissible row: the max term contributes 1.
+    ls = jnp.where(s == 0, 0.0, jnp.log(s))
+    return m, ls
+
+
+def has_class(
+    mask: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None = None
+) -> jax.Array:
+    """Rows (keepdims) with at least one admissible class under ``mask``."""
+    return class_sum(mask.astype(jnp.int32), axes, axis_name) > 0
+
+
+def kept_count(mask, axes, batch_shape, axis_name=None) -> jax.Array | None:
+    """Number of rows a mean divides by (None: all of them)."""
+    if mask is None:
+        return None
+    rows = jnp.squeeze(has_class(mask, axes, axis_name), axes)
+    return jnp.sum(jnp.broadcast_to(rows, batch_shape))
+
+
+def probs(x: jax.Array, m: jax.Array, ls: jax.Array, mask: jax.Array | None):
+    """``softmax(x)`` from the row normalizer, 0 at masked classes."""
+    p = jnp.exp((x - m) - ls)
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def log_softmax(
+    logits: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Log-softmax with an analytic gradient.
+
+    .. math:: \mathrm{log\_softmax}(x)_c = x_c - \log \sum_k e^{x_k}
+
+    Same values as :func:`jax.nn.log_softmax`.
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      axis: class axis (or axes).
+      where: boolean mask broadcastable to ``logits``; masked entries are -inf.
+      axis_name: mesh axis over which the class axis is sharded, when called
+        inside ``shard_map`` (vocab-parallel); ``None`` otherwise.
+
+    Returns:
+      array of ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.log_softmax(jnp.array([0.0, 0.0])).round(4)
+      Array([-0.6931, -0.6931], dtype=float32)
+
+    Note:
+      Gradient ``g - softmax(x) * sum(g)``; zero at masked entries. A row with no
+      admissible class (all -inf or fully masked) gives -inf everywhere; ``+inf``
+      or NaN logits give NaN for their row. Being a ``jax.custom_vjp``, it cannot
+      be used with ``jax.jvp``/``jax.jacfwd``; use :mod:`jaxent.reference`.
+    """
+    fn = "log_softmax"
+    x = as_float(fn, "logits", logits)
+    axes = canonical_axes(fn, axis, x.ndim)
+    return _log_softmax(x, class_mask(fn, where, x.shape), axes, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _log_softmax(x, mask, axes, axis_name):
+    return _log_softmax_fwd(x, mask, axes, axis_name)[0]
+
+
+def _log_softmax_fwd(x, mask, axes, axis_name):
+    xf = upcast(x)
+    m, ls = normalizer(xf, axes, mask, axis_name)
+    out = (xf - m) - ls
+    if mask is not None:
+        out = jnp.where(mask, out, -jnp.inf)
+    return out.astype(x.dtype), (x, mask, m, ls)
+
+
+def _log_softmax_bwd(axes, axis_name, res, g):
+    x, mask, m, ls = res
+    g = upcast(g)
+    if mask is not None:
+        g = jnp.where(mask, g, 0.0)
+    p = probs(upcast(x), m, ls, mask)
+    dx = g - p * class_sum(g, axes, axis_name)
+    return dx.astype(x.dtype), None
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+
+
+def softmax(
+    logits: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Softmax with an analytic gradient.
+
+    .. math:: \mathrm{softmax}(x)_c = e^{x_c} / \sum_k e^{x_k}
+
+    Same values as :func:`jax.nn.softmax`.
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      axis: class axis (or axes).
+      where: boolean mask broadcastable to ``logits``; masked entries are 0.
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+
+    Returns:
+      array of ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> jaxent.softmax(jnp.array([0.0, 0.0]))
+      Array([0.5, 0.5], dtype=float32)
+
+    Note:
+      Gradient ``p * (g - sum(g * p))``. A row with no admissible class gives 0;
+      ``+inf`` or NaN logits give NaN for their row. Not usable with ``jax.jvp``
+      (custom_vjp); use :mod:`jaxent.reference` for forward mode.
+    """
+    fn = "softmax"
+    x = as_float(fn, "logits", logits)
+    axes = canonical_axes(fn, axis, x.ndim)
+    return _softmax(x, class_mask(fn, where, x.shape), axes, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax(x, mask, axes, axis_name):
+    return _softmax_fwd(x, mask, axes, axis_name)[0]
+
+
+def _softmax_fwd(x, mask, axes, axis_name):
+    xf = upcast(x)
+    m, ls = normalizer(xf, axes, mask, axis_name)
+    return probs(xf, m, ls, mask).astype(x.dtype), (x, mask, m, ls)
+
+
+def _softmax_bwd(axes, axis_name, res, g):
+    x, mask, m, ls = res
+    p = probs(upcast(x), m, ls, mask)
+    g = upcast(g)
+    dx = p * (g - class_sum(g * p, axes, axis_name))
+    return dx.astype(x.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
