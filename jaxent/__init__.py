@@ -9,7 +9,7 @@ from . import reference as reference
 from ._cross_entropy import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from ._cross_entropy import (
-    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 from ._divergence import cross_entropy as cross_entropy
 from ._divergence import entropy as entropy

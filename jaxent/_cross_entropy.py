@@ -49,28 +49,33 @@ def _num_local(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
     return math.prod(shape[a] for a in axes)
 
 
-def _offset(n_local: int, axis_name: Hashable | None):
+def _offset(n_local: int, axis_name: Hashable | None, dtype):
     """First global class id held by this shard (0 unless vocab-parallel)."""
-    return 0 if axis_name is None else lax.axis_index(axis_name) * n_local
+    if axis_name is None:
+        return 0
+    return lax.axis_index(axis_name).astype(dtype) * n_local
 
 
 def _num_classes(n_local: int, axis_name: Hashable | None):
-    return n_local if axis_name is None else lax.psum(n_local, axis_name)
+    """Global number of classes (a Python int, also when vocab-parallel)."""
+    return n_local if axis_name is None else n_local * lax.axis_size(axis_name)
 
 
-def _class_ids(shape, axes, axis_name) -> jax.Array:
-    """Global flat class id of every logit (row-major over the class axes)."""
+def _is_label(shape, axes, axis_name, labels) -> jax.Array:
+    """``class_id == label`` for every logit: the one-hot by comparison, which XLA
+    fuses and which partitions cleanly when the classes are sharded."""
     kshape = _class_shape(shape, axes)
     ids = 0
     for a in axes:
-        ids = ids * shape[a] + lax.broadcasted_iota(jnp.int32, kshape, a)
-    return ids + _offset(_num_local(shape, axes), axis_name)
+        ids = ids * shape[a] + lax.broadcasted_iota(labels.dtype, kshape, a)
+    ids = ids + _offset(_num_local(shape, axes), axis_name, labels.dtype)
+    return ids == jnp.expand_dims(labels, axes)
 
 
 def _target_weight(weights, labels, n_local, axis_name) -> jax.Array:
     """``weights[labels]`` per example; with vocab-parallel weights each shard
     contributes the labels it holds."""
-    local = labels - _offset(n_local, axis_name)
+    local = labels - _offset(n_local, axis_name, labels.dtype)
     w = jnp.take(weights, jnp.clip(local, 0, n_local - 1))
     if axis_name is None:
         return w
@@ -127,7 +132,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         sumy = sumy + (1 - eps) * class_sum(y, axes, name)
         lin = lin + (1 - eps) * class_sum(mul0(y, xs), axes, name)
     if labels is not None:
-        hit = _class_ids(x.shape, axes, name) == jnp.expand_dims(labels, axes)
+        hit = _is_label(x.shape, axes, name, labels)
         a = jnp.full((), 1 - eps, dtype)
         if weights is not None:
             w = _target_weight(weights.astype(dtype), labels, n_local, name)
@@ -187,7 +192,7 @@ def _softmax_ce_bwd(opts, res, g):
             y = jnp.where(cmask, y, 0.0)
         grad = grad - (1 - eps) * y
     if labels is not None:
-        hit = _class_ids(x.shape, axes, name) == jnp.expand_dims(labels, axes)
+        hit = _is_label(x.shape, axes, name, labels)
         grad = grad - jnp.where(hit, a, 0.0)
     if b is not None:
         u = _smoothing_weights(opts, x.shape, weights, cmask, dtype)
@@ -205,7 +210,7 @@ def _softmax_ce_bwd(opts, res, g):
     if weights is not None:
         n_local = _num_local(x.shape, axes)
         w = weights.astype(dtype)
-        local = labels - _offset(n_local, name)
+        local = labels - _offset(n_local, name, labels.dtype)
         w_y = jnp.take(w, jnp.clip(local, 0, n_local - 1))
         per_row = rows(coef * (1 - eps) * dweight(jnp.expand_dims(w_y, axes), ls - xy))
         # Out-of-shard (or out-of-range) labels scatter nowhere.

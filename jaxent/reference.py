@@ -189,11 +189,11 @@ def softmax_cross_entropy_with_integer_labels(
     xf = upcast(x)
     kshape = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
     n_local = math.prod(kshape)
-    ids = jnp.arange(n_local).reshape(kshape)
+    ids = jnp.arange(n_local, dtype=labels.dtype).reshape(kshape)
     n_classes = n_local
     if axis_name is not None:
-        ids = ids + lax.axis_index(axis_name) * n_local
-        n_classes = lax.psum(n_local, axis_name)
+        ids = ids + lax.axis_index(axis_name).astype(labels.dtype) * n_local
+        n_classes = n_local * lax.axis_size(axis_name)
     w = jnp.ones(kshape, xf.dtype)
     if weights is not None:
         w = as_float(fn, "weights", weights).astype(xf.dtype).reshape(kshape)
