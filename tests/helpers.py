@@ -48,9 +48,9 @@ def logits(key_or_seed, shape, dtype="float64", scale=2.0) -> jax.Array:
     return jnp.asarray(rng.normal(size=shape) * scale, dtype=dtype)
 
 
-def probabilities(seed, shape, axis=-1, dtype="float64") -> jax.Array:
+def probabilities(seed, shape, axis=-1, dtype="float64", low=0.05) -> jax.Array:
     rng = np.random.default_rng(seed)
-    p = rng.uniform(0.05, 1.0, size=shape)
+    p = rng.uniform(low, 1.0, size=shape)
     return jnp.asarray(p / p.sum(axis=axis, keepdims=True), dtype=dtype)
 
 
