@@ -89,7 +89,13 @@ def test_sigmoid_matches_optax():
 # -- gradients against jax.grad of the plain reference (float64) --------------
 
 INT_OPTIONS = [
-    dict(zip(("weights", "ignore_index", "label_smoothing", "z_loss", "where"), combo))
+    dict(
+        zip(
+            ("weights", "ignore_index", "label_smoothing", "z_loss", "where"),
+            combo,
+            strict=True,
+        )
+    )
     for combo in itertools.product(
         [False, True], [None, 2], [0.0, 0.15], [0.0, 1e-2], ["none", "batch", "class"]
     )
@@ -98,7 +104,7 @@ INT_OPTIONS = [
 
 def _int_case(opts, shape=(6, 5)):
     opts = dict(opts)
-    n, c = shape
+    c = shape[1]
     kw = {
         "ignore_index": opts["ignore_index"],
         "label_smoothing": opts["label_smoothing"],
@@ -227,7 +233,7 @@ def test_integer_labels_match_torch(
     torch, weights, ignore_index, label_smoothing, reduction, shape
 ):
     x = logits(0, shape)
-    batch = (shape[0],) + shape[2:]
+    batch = (shape[0], *shape[2:])
     labels = np.array(int_labels(1, batch, shape[1]))
     labels.flat[0] = 1  # make sure ignore_index=1 ignores something
     w = jnp.linspace(0.5, 2.0, shape[1]) if weights else None
@@ -406,9 +412,9 @@ def test_mean_over_nothing_is_zero_with_zero_grad():
     f = lambda x: INT_CE(x, labels, ignore_index=2, reduction="mean")  # noqa: E731
     assert f(x) == 0
     assert np.all(np.asarray(jax.grad(f)(x)) == 0)
-    g = lambda x: SOFT_CE(
-        x, probabilities(1, (3, 4)), where=jnp.zeros(3, bool), reduction="mean"
-    )  # noqa: E731
+    y = probabilities(1, (3, 4))
+    nothing = jnp.zeros(3, bool)
+    g = lambda x: SOFT_CE(x, y, where=nothing, reduction="mean")  # noqa: E731
     assert g(x) == 0 and np.all(np.asarray(jax.grad(g)(x)) == 0)
 
 
