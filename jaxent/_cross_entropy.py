@@ -72,6 +72,29 @@ def _is_label(shape, axes, axis_name, labels) -> jax.Array:
     return ids == jnp.expand_dims(labels, axes)
 
 
+def _gathers(x: jax.Array, axes: tuple[int, ...], axis_name) -> bool:
+    """Whether the target logit can be gathered (and its gradient scattered).
+
+    A gather touches N entries where compare-and-reduce reads all N x C, but it
+    cannot be partitioned when the classes are sharded (vocab-parallel, or an
+    explicit-sharding mesh that shards the class axis); those use comparison.
+    """
+    if axis_name is not None or len(axes) != 1:
+        return False
+    spec = jax.typeof(x).sharding.spec
+    return len(spec) <= axes[0] or spec[axes[0]] is None
+
+
+def _label_index(labels: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+    """Index tuple addressing ``logits[..., labels, ...]`` (one entry per row)."""
+    labels = jnp.clip(labels, 0)
+    idx = [
+        lax.broadcasted_iota(labels.dtype, labels.shape, d) for d in range(labels.ndim)
+    ]
+    idx.insert(axis, labels)
+    return tuple(idx)
+
+
 def _target_weight(weights, labels, n_local, axis_name) -> jax.Array:
     """``weights[labels]`` per example; with vocab-parallel weights each shard
     contributes the labels it holds."""
@@ -132,12 +155,16 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         sumy = sumy + (1 - eps) * class_sum(y, axes, name)
         lin = lin + (1 - eps) * class_sum(mul0(y, xs), axes, name)
     if labels is not None:
-        hit = _is_label(x.shape, axes, name, labels)
         a = jnp.full((), 1 - eps, dtype)
         if weights is not None:
             w = _target_weight(weights.astype(dtype), labels, n_local, name)
             a = a * jnp.expand_dims(w, axes)
-        xy = class_sum(jnp.where(hit, xs, 0.0), axes, name)
+        if _gathers(x, axes, name):
+            index = _label_index(labels, axes[0])
+            xy = jnp.expand_dims(xf[index], axes) - m
+        else:
+            hit = _is_label(x.shape, axes, name, labels)
+            xy = class_sum(jnp.where(hit, xs, 0.0), axes, name)
         sumy = sumy + a
         lin = lin + mul0(a, xy)
     if eps:
@@ -184,20 +211,28 @@ def _softmax_ce_bwd(opts, res, g):
         return v if rowscale is None else jnp.where(rowscale != 0, v, 0.0)
 
     scale = sumy + 2 * opts.z_loss * (m + ls) if opts.z_loss else sumy
-    grad = probs(xf, m, ls, cmask) * scale
+    # Per-row factors are finished here, not re-derived inside the N x C loop;
+    # an ignored row has coef 0, so its gradient is 0 for finite logits.
+    pscale, m, ls = lax.optimization_barrier((coef * scale, m, ls))
+    dx = probs(xf, m, ls, cmask) * pscale
     y = u = None
     if dense is not None:
         y = dense.astype(dtype)
         if cmask is not None:
             y = jnp.where(cmask, y, 0.0)
-        grad = grad - (1 - eps) * y
-    if labels is not None:
+        dx = dx - (coef * (1 - eps)) * y
+    scatter = labels is not None and _gathers(x, axes, name)
+    if labels is not None and not scatter:
         hit = _is_label(x.shape, axes, name, labels)
-        grad = grad - jnp.where(hit, a, 0.0)
+        dx = dx - jnp.where(hit, coef * a, 0.0)
     if b is not None:
         u = _smoothing_weights(opts, x.shape, weights, cmask, dtype)
-        grad = grad - (b if u is None else b * u)
-    dx = rows(coef * grad).astype(x.dtype)
+        dx = dx - (coef * b if u is None else (coef * b) * u)
+    if scatter:
+        # The one-hot part touches one entry per row: added in place.
+        minus_a = jnp.squeeze(-coef * a * jnp.ones_like(coef), axes)
+        dx = dx.at[_label_index(labels, axes[0])].add(minus_a)
+    dx = dx.astype(x.dtype)
 
     d_dense = None
     if dense is not None:

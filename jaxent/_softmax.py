@@ -60,6 +60,9 @@ def kept_count(mask, axes, batch_shape, axis_name=None) -> jax.Array | None:
 
 def probs(x: jax.Array, m: jax.Array, ls: jax.Array, mask: jax.Array | None):
     """``softmax(x)`` from the row normalizer, 0 at masked classes."""
+    # Without the barrier XLA merges this ``x - m`` with the forward's, and the
+    # shared N x C difference is then written to memory instead of fused.
+    m = lax.optimization_barrier(m)
     p = jnp.exp((x - m) - ls)
     return p if mask is None else jnp.where(mask, p, 0.0)
 
