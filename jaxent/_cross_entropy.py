@@ -328,8 +328,9 @@ def softmax_cross_entropy(
       >>> import jax.numpy as jnp, jaxent
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-      >>> jaxent.softmax_cross_entropy(logits, labels).round(4)
-      Array([0.2761, 2.9518], dtype=float32)
+      >>> with jnp.printoptions(precision=4):
+      ...     print(jaxent.softmax_cross_entropy(logits, labels))
+      [0.2761 2.9518]
 
     Note:
       Gradient w.r.t. logits ``softmax(x) * sum(y) - y``; w.r.t. labels
