@@ -19,6 +19,7 @@ from ._divergence import (
 )
 from ._divergence import softmax_entropy as softmax_entropy
 from ._divergence import softmax_kl_divergence as softmax_kl_divergence
+from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
 
@@ -29,6 +30,7 @@ __all__ = [
     "entropy",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_softmax_cross_entropy",
     "log_softmax",
     "reference",
     "sigmoid_binary_cross_entropy",

@@ -35,7 +35,9 @@ def as_int(fn: str, name: str, x) -> jax.Array:
             f"{fn}: `{name}` must be an integer array of class indices; got "
             f"{describe(x)}. For probabilities use softmax_cross_entropy."
         )
-    return jnp.asarray(x)
+    x = jnp.asarray(x)
+    # Narrow ids (uint8, int16) would wrap when compared with class counts.
+    return x.astype(jnp.int32) if x.dtype.itemsize < 4 else x
 
 
 def as_bool(fn: str, name: str, x) -> jax.Array:

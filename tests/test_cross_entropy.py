@@ -570,3 +570,17 @@ BAD_INPUTS = [
 def test_bad_input_raises_at_trace_time(f, args, kw, error, match):
     with pytest.raises(error, match=match):
         jax.jit(lambda *a: f(*a, **kw)).lower(*args)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "int64"])
+def test_label_dtypes(dtype):
+    # 300 classes: uint8 ids must not wrap when compared with the class count.
+    x = logits(0, (2, 300))
+    labels = jnp.array([255, 3], dtype)
+    expected = optax.softmax_cross_entropy_with_integer_labels(
+        x, labels.astype(jnp.int32)
+    )
+    assert_close(INT_CE(x, labels), expected)
+    assert_close(
+        reference.softmax_cross_entropy_with_integer_labels(x, labels), expected
+    )
