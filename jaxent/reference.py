@@ -48,6 +48,7 @@ __all__ = [
     "entropy",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_softmax_cross_entropy",
     "log_softmax",
     "sigmoid_binary_cross_entropy",
     "softmax",
@@ -350,3 +351,43 @@ def softmax_kl_divergence(
         else jnp.sum(jnp.broadcast_to(jnp.squeeze(keep, axes), kl.shape))
     )
     return reduce_loss(kl, reduction, n).astype(x.dtype)
+
+
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    where: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    block_size: int | tuple[int, int] | None = None,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    """Plain-JAX :func:`jaxent.linear_softmax_cross_entropy`: materializes the
+    ``[..., V]`` logits (``block_size`` is accepted and ignored)."""
+    del block_size
+    fn = "linear_softmax_cross_entropy"
+    h = as_float(fn, "hidden", hidden)
+    w = as_float(fn, "weight", weight)
+    dtype = jnp.promote_types(h.dtype, w.dtype)
+    x = jnp.matmul(
+        h.astype(dtype),
+        w.astype(dtype),
+        preferred_element_type=jnp.float32 if dtype.itemsize < 4 else dtype,
+    )
+    if bias is not None:
+        x = x + as_float(fn, "bias", bias).astype(x.dtype)
+    return softmax_cross_entropy_with_integer_labels(
+        x,
+        labels,
+        where=where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        axis_name=axis_name,
+    ).astype(dtype)

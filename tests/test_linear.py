@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import jaxent
 from jaxent import reference
 from jaxent._checks import compute_dtype
 from jaxent._linear import linear_softmax_cross_entropy as fused
@@ -276,3 +277,15 @@ def test_bad_input_raises_at_trace_time(name):
     args, kw, error, match = _bad(name)
     with pytest.raises(error, match=match):
         fused(*args, **kw)
+
+
+def test_reference_version_supports_forward_mode():
+    h = jax.random.normal(jax.random.key(0), (6, 8), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (8, 20), jnp.float64)
+    labels = jnp.arange(6)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, ignore_index=2, reduction="mean")
+    fused_call = lambda h: jaxent.linear_softmax_cross_entropy(h, w, labels, **kw)  # noqa: E731
+    plain = lambda h: reference.linear_softmax_cross_entropy(h, w, labels, **kw)  # noqa: E731
+    assert_close(fused_call(h), plain(h))
+    tangent = jax.jvp(plain, (h,), (jnp.ones_like(h),))[1]
+    assert_close(tangent, jnp.sum(jax.grad(fused_call)(h)), kind="grad")
