@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 
 from ._checks import (
     Axis,
+    align_vma,
     as_float,
     as_int,
     canonical_axes,
@@ -23,9 +24,14 @@ from ._checks import (
     check_same_shape,
     describe,
     dweight,
+    is_sharded,
+    like,
     loss_mask,
     mul0,
     reduce_loss,
+    replicated,
+    reshard,
+    spec,
     sum_to_shape,
     upcast,
 )
@@ -72,37 +78,67 @@ def _is_label(shape, axes, axis_name, labels) -> jax.Array:
     return ids == jnp.expand_dims(labels, axes)
 
 
-def _gathers(x: jax.Array, axes: tuple[int, ...], axis_name) -> bool:
-    """Whether the target logit can be gathered (and its gradient scattered).
+def _gathers(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether the target logit is gathered (and its gradient scattered) rather
+    than found by comparing every class id with the label.
 
-    A gather touches N entries where compare-and-reduce reads all N x C, but it
-    cannot be partitioned when the classes are sharded (vocab-parallel, or an
-    explicit-sharding mesh that shards the class axis); those use comparison.
+    A gather touches N entries where the comparison reads all N x C. Being
+    batched over the other axes, it partitions along them with no
+    communication; vocab-parallel shards gather locally. An explicit-sharding
+    mesh that shards the class axis rejects it, so that case (and several class
+    axes) compares.
     """
-    if axis_name is not None or len(axes) != 1:
-        return False
-    spec = jax.typeof(x).sharding.spec
-    return len(spec) <= axes[0] or spec[axes[0]] is None
+    return len(axes) == 1 and spec(x)[axes[0]] is None
 
 
-def _label_index(labels: jax.Array, axis: int) -> tuple[jax.Array, ...]:
-    """Index tuple addressing ``logits[..., labels, ...]`` (one entry per row)."""
-    labels = jnp.clip(labels, 0)
-    idx = [
-        lax.broadcasted_iota(labels.dtype, labels.shape, d) for d in range(labels.ndim)
-    ]
-    idx.insert(axis, labels)
-    return tuple(idx)
+def _local_labels(labels, n_local: int, axis_name):
+    """Labels as indices into this shard's classes (clipped into range), and
+    whether this shard holds them (always, unless vocab-parallel)."""
+    local = labels - _offset(n_local, axis_name, labels.dtype)
+    held = (local >= 0) & (local < n_local)
+    return jnp.clip(local, 0, n_local - 1), held
+
+
+def _take_label(x: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``x[..., index, ...]`` along ``axis`` (keepdims), one entry per row."""
+    index = jnp.expand_dims(index, axis)
+    return jnp.take_along_axis(x, index, axis=axis, mode="promise_in_bounds")
+
+
+def _add_at_label(dx: jax.Array, index: jax.Array, v: jax.Array, axis: int):
+    """``dx[..., index, ...] += v`` along ``axis``, batched over the other axes
+    (an indexed ``.at[].add`` would not partition along them)."""
+    batch = tuple(d for d in range(dx.ndim) if d != axis)
+    dims = lax.ScatterDimensionNumbers(
+        update_window_dims=(),
+        inserted_window_dims=(axis,),
+        scatter_dims_to_operand_dims=(axis,),
+        operand_batching_dims=batch,
+        scatter_indices_batching_dims=tuple(range(index.ndim)),
+    )
+    mode = lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    return lax.scatter_add(dx, index[..., None], v, dims, mode=mode)
+
+
+def _take(table: jax.Array, index: jax.Array) -> jax.Array:
+    """``table[index]`` for a 1-D table (``index`` in range). Under explicit
+    sharding the table (C values) is replicated and looked up where each index
+    lives."""
+    if is_sharded(table):
+        table = reshard(table, (None,), table)
+    if is_sharded(index):
+        return table.at[index].get(out_sharding=jax.typeof(index).sharding, mode="clip")
+    return jnp.take(table, index, mode="clip")
 
 
 def _target_weight(weights, labels, n_local, axis_name) -> jax.Array:
     """``weights[labels]`` per example; with vocab-parallel weights each shard
     contributes the labels it holds."""
-    local = labels - _offset(n_local, axis_name, labels.dtype)
-    w = jnp.take(weights, jnp.clip(local, 0, n_local - 1))
+    local, held = _local_labels(labels, n_local, axis_name)
+    w = _take(weights, local)
     if axis_name is None:
         return w
-    return lax.psum(jnp.where((local >= 0) & (local < n_local), w, 0), axis_name)
+    return lax.psum(jnp.where(held, w, 0), axis_name)
 
 
 def _kept_rows(opts: _Opts, labels, cmask) -> jax.Array | None:
@@ -159,9 +195,13 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         if weights is not None:
             w = _target_weight(weights.astype(dtype), labels, n_local, name)
             a = a * jnp.expand_dims(w, axes)
-        if _gathers(x, axes, name):
-            index = _label_index(labels, axes[0])
-            xy = jnp.expand_dims(xf[index], axes) - m
+        if _gathers(x, axes):
+            local, held = _local_labels(labels, n_local, name)
+            xy = _take_label(xf, local, axes[0]) - m
+            if name is not None:
+                xy = class_sum(
+                    jnp.where(jnp.expand_dims(held, axes), xy, 0.0), axes, name
+                )
         else:
             hit = _is_label(x.shape, axes, name, labels)
             xy = class_sum(jnp.where(hit, xs, 0.0), axes, name)
@@ -221,7 +261,7 @@ def _softmax_ce_bwd(opts, res, g):
         if cmask is not None:
             y = jnp.where(cmask, y, 0.0)
         dx = dx - (coef * (1 - eps)) * y
-    scatter = labels is not None and _gathers(x, axes, name)
+    scatter = labels is not None and _gathers(x, axes)
     if labels is not None and not scatter:
         hit = _is_label(x.shape, axes, name, labels)
         dx = dx - jnp.where(hit, coef * a, 0.0)
@@ -230,30 +270,39 @@ def _softmax_ce_bwd(opts, res, g):
         dx = dx - (coef * b if u is None else (coef * b) * u)
     if scatter:
         # The one-hot part touches one entry per row: added in place.
+        local, held = _local_labels(labels, _num_local(x.shape, axes), name)
         minus_a = jnp.squeeze(-coef * a * jnp.ones_like(coef), axes)
-        dx = dx.at[_label_index(labels, axes[0])].add(minus_a)
-    dx = dx.astype(x.dtype)
+        if name is not None:
+            minus_a = jnp.where(held, minus_a, 0.0)
+        dx = _add_at_label(dx, local, minus_a, axes[0])
+    dx = like(dx.astype(x.dtype), x)
 
     d_dense = None
     if dense is not None:
         d_dense = rows(coef * (1 - eps) * dweight(y, ls - (xf - m)))
         if cmask is not None:
             d_dense = jnp.where(cmask, d_dense, 0.0)
-        d_dense = d_dense.astype(dense.dtype)
+        d_dense = like(d_dense.astype(dense.dtype), dense)
 
     d_weights = None
     if weights is not None:
         n_local = _num_local(x.shape, axes)
         w = weights.astype(dtype)
-        local = labels - _offset(n_local, name, labels.dtype)
-        w_y = jnp.take(w, jnp.clip(local, 0, n_local - 1))
+        local, held = _local_labels(labels, n_local, name)
+        w_y = _take(w, local)
         per_row = rows(coef * (1 - eps) * dweight(jnp.expand_dims(w_y, axes), ls - xy))
         # Out-of-shard (or out-of-range) labels scatter nowhere.
-        local = jnp.where((local >= 0) & (local < n_local), local, n_local)
+        local = jnp.where(held, local, n_local)
+        # Under explicit sharding the per-row terms live on batch shards: their
+        # [C] sum is formed replicated (an all-reduce of C values).
         d_weights = (
             jnp.zeros(n_local, dtype)
             .at[local]
-            .add(jnp.squeeze(per_row, axes), mode="drop")
+            .add(
+                jnp.squeeze(per_row, axes),
+                mode="drop",
+                out_sharding=replicated(per_row, local),
+            )
         )
         if b is not None:
             wk = w.reshape(_class_shape(x.shape, axes))
@@ -262,7 +311,7 @@ def _softmax_ce_bwd(opts, res, g):
                 term = jnp.where(cmask, term, 0.0)
             batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
             d_weights = d_weights + jnp.sum(term, axis=batch_axes).reshape(n_local)
-        d_weights = d_weights.astype(weights.dtype)
+        d_weights = like(d_weights.astype(weights.dtype), weights)
     return dx, d_dense, None, d_weights, None
 
 
@@ -352,6 +401,7 @@ def softmax_cross_entropy(
     axes = canonical_axes(fn, axis, x.ndim)
     opts = _options(fn, axes, label_smoothing, z_loss, reduction, None, axis_name)
     cmask = loss_mask(fn, where, x.shape, axes)
+    x, labels = align_vma((x, labels), (cmask,))
     loss = _softmax_ce(opts, x, labels, None, None, cmask)
     count = kept_count(cmask, axes, loss.shape, axis_name)
     return reduce_loss(loss, reduction, count).astype(x.dtype)
@@ -441,6 +491,10 @@ def softmax_cross_entropy_with_integer_labels(
                 f"got {describe(weights)}."
             )
     cmask = loss_mask(fn, where, x.shape, axes)
+    # Under explicit sharding the labels are laid out like the logits' batch
+    # axes, so that per-example terms line up (a local slice if replicated).
+    labels = reshard(labels, _batch_shape(spec(x), axes), x)
+    x, weights = align_vma((x, weights), (labels, cmask))
     loss = _softmax_ce(opts, x, None, labels, weights, cmask)
     count = None
     if reduction == "mean":

@@ -12,6 +12,7 @@ from jax.typing import ArrayLike
 
 from ._checks import (
     Axis,
+    align_vma,
     as_float,
     canonical_axes,
     check_base,
@@ -316,6 +317,7 @@ def softmax_entropy(
     x = as_float(fn, "logits", logits)
     axes = canonical_axes(fn, axis, x.ndim)
     mask = loss_mask(fn, where, x.shape, axes)
+    (x,) = align_vma((x,), (mask,))
     h = _softmax_entropy(x, mask, axes, axis_name)
     return _in_base(h, check_base(fn, base)).astype(x.dtype)
 
@@ -389,6 +391,7 @@ def softmax_kl_divergence(
     )
     check_reduction(fn, reduction)
     mask = loss_mask(fn, where, x.shape, axes)
+    x, t = align_vma((x, t), (mask,))
     kl = _softmax_kl(x, t, mask, axes, axis_name)
     count = kept_count(mask, axes, kl.shape, axis_name)
     return reduce_loss(kl, reduction, count).astype(x.dtype)

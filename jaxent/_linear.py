@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike
 
 from ._checks import (
@@ -28,7 +29,11 @@ from ._checks import (
     check_reduction,
     compute_dtype,
     describe,
+    is_sharded,
     reduce_loss,
+    replicated,
+    reshard,
+    spec,
 )
 
 # Default tiling, measured on the XLA CPU backend (benchmarks/linear_ce.py
@@ -188,14 +193,77 @@ def linear_softmax_cross_entropy(
     in_range = (y >= 0) & (y < num_classes)
     y32 = jnp.where(in_range, y, -1).astype(jnp.int32)
     params = (h.astype(dtype).reshape(n, d), w.astype(dtype), b)
-    # Inside shard_map, the differentiable inputs are made to vary over the same
-    # mesh axes (but the vocab axis, whose d hidden the backward psums itself).
-    axes = frozenset().union(*(_vma(a) for a in params if a is not None))
-    axes -= frozenset(axis_name if isinstance(axis_name, tuple) else (axis_name,))
-    params = tuple(None if a is None else _vary(a, axes) for a in params)
-    loss = _fused(*params, y32, counted.reshape(n), in_range, opts)
+    rest = (y32, counted.reshape(n), in_range)
+    if axis_name is None and any(
+        is_sharded(a) for a in (*params, *rest) if a is not None
+    ):
+        loss = _partitioned(fn, block_size, params, rest, opts)
+    else:
+        loss = _aligned_fused(params, rest, opts)
     loss = reduce_loss(loss.reshape(batch), reduction, jnp.sum(counted))
     return loss.astype(dtype)
+
+
+def _aligned_fused(params, rest, opts: _Opts) -> jax.Array:
+    """The kernel on ``params = (h, w, b)`` and ``rest = (y, counted, in_range)``.
+
+    Inside shard_map, the differentiable inputs are first made to vary over the
+    same mesh axes (but the vocab axis, whose d hidden the backward psums
+    itself).
+    """
+    name = opts.axis_name
+    axes = frozenset().union(*(_vma(a) for a in params if a is not None))
+    axes -= frozenset(name if isinstance(name, tuple) else (name,))
+    params = tuple(None if a is None else _vary(a, axes) for a in params)
+    return _fused(*params, *rest, opts)
+
+
+def _axes(entry) -> tuple:
+    """Mesh axes of one PartitionSpec entry, as a tuple."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _partitioned(fn, block_size, params, rest, opts: _Opts) -> jax.Array:
+    """The kernel on an explicit-sharding mesh, run per shard in ``shard_map``.
+
+    Tokens stay split as ``hidden``'s rows are and the vocabulary as
+    ``weight``'s columns are: each shard streams over its own tile, vocab-
+    parallel over the column axes (per-token all-reduces, and ``d hidden``
+    summed over them). The blocked loops slice the arrays dynamically, which
+    explicit sharding does not allow along a sharded axis.
+    """
+    inputs = tuple(a for a in (*params, *rest) if a is not None)
+    h, w, b = params
+    mesh = replicated(*inputs).mesh
+    cols = _axes(spec(w)[1])
+    rows = tuple(a for a in _axes(spec(h)[0]) if a not in cols)
+    row_spec, col_spec = rows or None, cols or None
+    # A sharded D (the contracted axis) is gathered: each tile needs all of it.
+    h, w, b, *rest = (
+        None if a is None else reshard(a, target, *inputs)
+        for a, target in zip(
+            (h, w, b, *rest),
+            ((row_spec, None), (None, col_spec), (col_spec,), *[(row_spec,)] * 3),
+            strict=True,
+        )
+    )
+    if not rows and not cols:
+        return _aligned_fused((h, w, b), tuple(rest), opts)
+    n_local = h.shape[0] // int(np.prod([mesh.shape[a] for a in rows]))
+    v_local = w.shape[1] // int(np.prod([mesh.shape[a] for a in cols]))
+    block_n, block_v = _blocks(fn, block_size, n_local, v_local)
+    name = None if not cols else cols[0] if len(cols) == 1 else cols
+    local = opts._replace(block_n=block_n, block_v=block_v, axis_name=name)
+    P = PartitionSpec
+    kernel = jax.shard_map(
+        lambda h, w, b, rest: _aligned_fused((h, w, b), rest, local),
+        mesh=mesh,
+        in_specs=(P(row_spec, None), P(None, col_spec), P(col_spec), P(row_spec)),
+        out_specs=P(row_spec),
+    )
+    return kernel(h, w, b, tuple(rest))
 
 
 def _common_float(a, b) -> jnp.dtype:

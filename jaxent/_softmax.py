@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import Axis, as_float, canonical_axes, class_mask, upcast
+from ._checks import Axis, align_vma, as_float, canonical_axes, class_mask, upcast
 
 
 def class_sum(
@@ -104,7 +104,9 @@ def log_softmax(
     fn = "log_softmax"
     x = as_float(fn, "logits", logits)
     axes = canonical_axes(fn, axis, x.ndim)
-    return _log_softmax(x, class_mask(fn, where, x.shape), axes, axis_name)
+    mask = class_mask(fn, where, x.shape)
+    (x,) = align_vma((x,), (mask,))
+    return _log_softmax(x, mask, axes, axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -169,7 +171,9 @@ def softmax(
     fn = "softmax"
     x = as_float(fn, "logits", logits)
     axes = canonical_axes(fn, axis, x.ndim)
-    return _softmax(x, class_mask(fn, where, x.shape), axes, axis_name)
+    mask = class_mask(fn, where, x.shape)
+    (x,) = align_vma((x,), (mask,))
+    return _softmax(x, mask, axes, axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
