@@ -54,7 +54,14 @@ def canonical_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     """Class axes as a sorted tuple of non-negative ints (``None``: all axes)."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if isinstance(axis, int | np.integer):
+        axes = (axis,)
+    elif isinstance(axis, Sequence) and not isinstance(axis, str):
+        axes = tuple(axis)
+    else:
+        raise TypeError(
+            f"{fn}: `axis` must be an int or a tuple of ints; got {axis!r}."
+        )
     out = []
     for a in axes:
         try:
@@ -72,6 +79,18 @@ def canonical_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     if len(set(out)) != len(out) or not out:
         raise ValueError(f"{fn}: `axis`={axis!r} must name distinct axes.")
     return tuple(sorted(out))
+
+
+def check_index(fn: str, name: str, value) -> int | None:
+    """A static Python int (``ignore_index``), or None."""
+    if value is None:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: `{name}` must be a static int or None; got {value!r}."
+        ) from None
 
 
 def check_reduction(fn: str, reduction: str) -> str:
@@ -131,8 +150,11 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
-def upcast(x: jax.Array) -> jax.Array:
-    return x.astype(compute_dtype(x.dtype))
+def upcast(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``x`` in its compute dtype; entries excluded by ``mask`` become -inf, so
+    that whatever they hold (NaN, inf) cannot reach a value or a gradient."""
+    x = x.astype(compute_dtype(x.dtype))
+    return x if mask is None else jnp.where(mask, x, -jnp.inf)
 
 
 def dweight(w: jax.Array, v: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ from ._checks import (
     as_int,
     canonical_axes,
     check_fraction,
+    check_index,
     check_nonnegative,
     check_reduction,
     check_same_shape,
@@ -176,7 +177,7 @@ def _smoothing_weights(opts, shape, weights, cmask, dtype):
 
 def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
-    xf = upcast(x)
+    xf = upcast(x, cmask)
     dtype = xf.dtype
     n_local = _num_local(x.shape, axes)
     m, ls = normalizer(xf, axes, cmask, name)
@@ -190,6 +191,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
             y = jnp.where(cmask, y, 0.0)
         sumy = sumy + (1 - eps) * class_sum(y, axes, name)
         lin = lin + (1 - eps) * class_sum(mul0(y, xs), axes, name)
+    keep = _kept_rows(opts, labels, cmask)
     if labels is not None:
         a = jnp.full((), 1 - eps, dtype)
         if weights is not None:
@@ -205,6 +207,10 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         else:
             hit = _is_label(x.shape, axes, name, labels)
             xy = class_sum(jnp.where(hit, xs, 0.0), axes, name)
+        if keep is not None:
+            # An excluded row's -inf must not meet a product: its derivative
+            # would be 0 * inf (NaN) when this rule is differentiated again.
+            xy = jnp.where(keep, xy, 0.0)
         sumy = sumy + a
         lin = lin + mul0(a, xy)
     if eps:
@@ -223,7 +229,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     loss = sumy * ls - lin
     if opts.z_loss:
         loss = loss + opts.z_loss * (m + ls) ** 2
-    rowscale = _kept_rows(opts, labels, cmask)
+    rowscale = keep
     if labels is not None:
         valid = (labels >= 0) & (labels < _num_classes(n_local, name))
         # An out-of-range label makes its example (and its gradient row) NaN.
@@ -241,7 +247,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
 def _softmax_ce_bwd(opts, res, g):
     x, dense, labels, weights, cmask, m, ls, sumy, a, xy, b, rowscale = res
     axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
-    xf = upcast(x)
+    xf = upcast(x, cmask)
     dtype = xf.dtype
     coef = jnp.expand_dims(g, axes)
     if rowscale is not None:
@@ -277,11 +283,16 @@ def _softmax_ce_bwd(opts, res, g):
         dx = _add_at_label(dx, local, minus_a, axes[0])
     dx = like(dx.astype(x.dtype), x)
 
+    def kept(v):
+        # Excluded entries and rows hold -inf or NaN factors: they are selected
+        # away before any product, so that differentiating this rule again (whose
+        # cotangents multiply these factors) stays finite.
+        v = rows(v)
+        return v if cmask is None else jnp.where(cmask, v, 0.0)
+
     d_dense = None
     if dense is not None:
-        d_dense = rows(coef * (1 - eps) * dweight(y, ls - (xf - m)))
-        if cmask is not None:
-            d_dense = jnp.where(cmask, d_dense, 0.0)
+        d_dense = coef * (1 - eps) * kept(dweight(y, ls - (xf - m)))
         d_dense = like(d_dense.astype(dense.dtype), dense)
 
     d_weights = None
@@ -290,7 +301,8 @@ def _softmax_ce_bwd(opts, res, g):
         w = weights.astype(dtype)
         local, held = _local_labels(labels, n_local, name)
         w_y = _take(w, local)
-        per_row = rows(coef * (1 - eps) * dweight(jnp.expand_dims(w_y, axes), ls - xy))
+        gap = rows(dweight(jnp.expand_dims(w_y, axes), ls - xy))
+        per_row = coef * (1 - eps) * gap
         # Out-of-shard (or out-of-range) labels scatter nowhere.
         local = jnp.where(held, local, n_local)
         # Under explicit sharding the per-row terms live on batch shards: their
@@ -306,9 +318,7 @@ def _softmax_ce_bwd(opts, res, g):
         )
         if b is not None:
             wk = w.reshape(_class_shape(x.shape, axes))
-            term = rows(coef * b * dweight(wk, ls - (xf - m)))
-            if cmask is not None:
-                term = jnp.where(cmask, term, 0.0)
+            term = coef * b * kept(dweight(wk, ls - (xf - m)))
             batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
             d_weights = d_weights + jnp.sum(term, axis=batch_axes).reshape(n_local)
         d_weights = like(d_weights.astype(weights.dtype), weights)
@@ -472,13 +482,7 @@ def softmax_cross_entropy_with_integer_labels(
             f"{fn}: `labels` must have the logits' shape without the class axis "
             f"{batch_shape}; got {describe(labels)}."
         )
-    if ignore_index is not None:
-        try:
-            ignore_index = int(ignore_index)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            raise TypeError(
-                f"{fn}: `ignore_index` must be a static int; got {ignore_index!r}."
-            ) from None
+    ignore_index = check_index(fn, "ignore_index", ignore_index)
     opts = _options(
         fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name
     )

@@ -29,6 +29,13 @@ from ._checks import (
 from ._softmax import class_sum, kept_count, normalizer, probs
 
 
+def _masked(mask, *grads):
+    """Gradients set to exactly 0 at excluded entries, whatever they hold."""
+    if mask is None:
+        return grads
+    return tuple(jnp.where(mask, d, 0.0) for d in grads)
+
+
 def _in_base(h: jax.Array, base: float | None) -> jax.Array:
     return h if base is None else h / math.log(base)
 
@@ -201,11 +208,10 @@ def _kl_divergence_bwd(axes, res, g):
     lp, t, mask = res
     tf = upcast(t)
     g = jnp.expand_dims(g, axes)
-    if mask is not None:
-        g = jnp.where(mask, g, 0.0)
     dlp = -g * tf
     # At t == 0 the t*log(t) term's partial is taken as 0; -t*log(p)'s is kept.
     dt = g * (jnp.where(tf == 0, 0.0, safe_log(tf) + 1) - dweight(tf, upcast(lp)))
+    dlp, dt = _masked(mask, dlp, dt)
     return dlp.astype(lp.dtype), dt.astype(t.dtype), None
 
 
@@ -268,10 +274,9 @@ def _kl_log_targets_bwd(axes, res, g):
     ltf = upcast(lt)
     t = jnp.exp(ltf)
     g = jnp.expand_dims(g, axes)
-    if mask is not None:
-        g = jnp.where(mask, g, 0.0)
     dlp = -g * t
     dlt = g * (mul0(t, ltf + 1) - mul0(t, upcast(lp)))
+    dlp, dlt = _masked(mask, dlp, dlt)
     return dlp.astype(lp.dtype), dlt.astype(lt.dtype), None
 
 
@@ -328,7 +333,7 @@ def _softmax_entropy(x, mask, axes, axis_name):
 
 
 def _softmax_entropy_fwd(x, mask, axes, axis_name):
-    xf = upcast(x)
+    xf = upcast(x, mask)
     m, ls = normalizer(xf, axes, mask, axis_name)
     p = probs(xf, m, ls, mask)
     h = ls - class_sum(mul0(p, xf - m), axes, axis_name)
@@ -337,7 +342,7 @@ def _softmax_entropy_fwd(x, mask, axes, axis_name):
 
 def _softmax_entropy_bwd(axes, axis_name, res, g):
     x, mask, m, ls, h = res
-    xf = upcast(x)
+    xf = upcast(x, mask)
     p = probs(xf, m, ls, mask)
     dx = -jnp.expand_dims(g, axes) * mul0(p, (xf - m) - ls + h)
     return dx.astype(x.dtype), None
@@ -409,7 +414,7 @@ def _kl_terms(xf, tf, mx, lsx, mt, lst, q):
 
 
 def _softmax_kl_fwd(x, t, mask, axes, axis_name):
-    xf, tf = upcast(x), upcast(t)
+    xf, tf = upcast(x, mask), upcast(t, mask)
     mx, lsx = normalizer(xf, axes, mask, axis_name)
     mt, lst = normalizer(tf, axes, mask, axis_name)
     q = probs(tf, mt, lst, mask)
@@ -420,7 +425,7 @@ def _softmax_kl_fwd(x, t, mask, axes, axis_name):
 
 def _softmax_kl_bwd(axes, axis_name, res, g):
     x, t, mask, mx, lsx, mt, lst, kl, mass = res
-    xf, tf = upcast(x), upcast(t)
+    xf, tf = upcast(x, mask), upcast(t, mask)
     g = jnp.expand_dims(g, axes)
     p = probs(xf, mx, lsx, mask)
     q = probs(tf, mt, lst, mask)

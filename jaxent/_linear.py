@@ -25,6 +25,7 @@ from ._checks import (
     as_float,
     as_int,
     check_fraction,
+    check_index,
     check_nonnegative,
     check_reduction,
     compute_dtype,
@@ -172,6 +173,7 @@ def linear_softmax_cross_entropy(
         dtype = _common_float(dtype, b.dtype)
         b = b.astype(dtype)
     counted = jnp.ones(y.shape, bool)
+    ignore_index = check_index(fn, "ignore_index", ignore_index)
     if ignore_index is not None:
         counted = y != ignore_index
     if where is not None:

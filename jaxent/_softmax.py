@@ -39,7 +39,9 @@ def normalizer(
     m = jnp.where(m == -jnp.inf, 0.0, m)
     s = class_sum(jnp.exp(x - m), axes, axis_name, where=mask)
     # s is never in (0, 1) for an admissible row: the max term contributes 1.
-    ls = jnp.where(s == 0, 0.0, jnp.log(s))
+    # (log of a guarded argument: a bare log(0) would put 0 * inf = NaN into the
+    # derivative of this rule.)
+    ls = jnp.log(jnp.where(s == 0, 1.0, s))
     return m, ls
 
 
@@ -115,7 +117,7 @@ def _log_softmax(x, mask, axes, axis_name):
 
 
 def _log_softmax_fwd(x, mask, axes, axis_name):
-    xf = upcast(x)
+    xf = upcast(x, mask)
     m, ls = normalizer(xf, axes, mask, axis_name)
     out = (xf - m) - ls
     if mask is not None:
@@ -128,7 +130,7 @@ def _log_softmax_bwd(axes, axis_name, res, g):
     g = upcast(g)
     if mask is not None:
         g = jnp.where(mask, g, 0.0)
-    p = probs(upcast(x), m, ls, mask)
+    p = probs(upcast(x, mask), m, ls, mask)
     dx = g - p * class_sum(g, axes, axis_name)
     return dx.astype(x.dtype), None
 
@@ -182,14 +184,14 @@ def _softmax(x, mask, axes, axis_name):
 
 
 def _softmax_fwd(x, mask, axes, axis_name):
-    xf = upcast(x)
+    xf = upcast(x, mask)
     m, ls = normalizer(xf, axes, mask, axis_name)
     return probs(xf, m, ls, mask).astype(x.dtype), (x, mask, m, ls)
 
 
 def _softmax_bwd(axes, axis_name, res, g):
     x, mask, m, ls = res
-    p = probs(upcast(x), m, ls, mask)
+    p = probs(upcast(x, mask), m, ls, mask)
     g = upcast(g)
     dx = p * (g - class_sum(g * p, axes, axis_name))
     return dx.astype(x.dtype), None
