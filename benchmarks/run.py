@@ -449,10 +449,12 @@ def main(argv=None) -> int:
         )
         plot(results, png, title)
         print(f"chart: {png}")
-    json_path = Path(opts.json) if opts.json else out / "results.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
-    print(f"results: {json_path}")
+        # Written after every configuration, so that a run cut short keeps
+        # what it measured.
+        json_path = Path(opts.json) if opts.json else out / "results.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1))
+        print(f"results: {json_path}")
     if failed:
         print("\nFAILED:\n  " + "\n  ".join(failed))
         return 1

@@ -36,7 +36,15 @@ from ._checks import (
     sum_to_shape,
     upcast,
 )
-from ._softmax import class_sum, has_class, kept_count, normalizer, probs
+from ._softmax import (
+    class_sum,
+    class_sum_mul0,
+    has_class,
+    kept_count,
+    normalizer,
+    probs,
+    shifted,
+)
 
 
 class _Opts(NamedTuple):
@@ -181,7 +189,6 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     dtype = xf.dtype
     n_local = _num_local(x.shape, axes)
     m, ls = normalizer(xf, axes, cmask, name)
-    xs = xf - m
     sumy = jnp.zeros((), dtype)
     lin = jnp.zeros((), dtype)
     a = xy = b = None
@@ -190,7 +197,8 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         if cmask is not None:
             y = jnp.where(cmask, y, 0.0)
         sumy = sumy + (1 - eps) * class_sum(y, axes, name)
-        lin = lin + (1 - eps) * class_sum(mul0(y, xs), axes, name)
+        # xf is -inf at excluded entries, so x - m <= 0 everywhere.
+        lin = lin + (1 - eps) * class_sum_mul0(y, shifted(xf, m), axes, name)
     keep = _kept_rows(opts, labels, cmask)
     if labels is not None:
         a = jnp.full((), 1 - eps, dtype)
@@ -206,7 +214,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
                 )
         else:
             hit = _is_label(x.shape, axes, name, labels)
-            xy = class_sum(jnp.where(hit, xs, 0.0), axes, name)
+            xy = class_sum(jnp.where(hit, shifted(xf, m), 0.0), axes, name)
         if keep is not None:
             # An excluded row's -inf must not meet a product: its derivative
             # would be 0 * inf (NaN) when this rule is differentiated again.
@@ -223,6 +231,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
             )
         b = eps / jnp.maximum(count, 1).astype(dtype)
         big_u = count if u is None else class_sum(u, axes, name)
+        xs = shifted(xf, m)
         ux = class_sum(xs if u is None else mul0(u, xs), axes, name, where=cmask)
         sumy = sumy + b * big_u
         lin = lin + b * ux
@@ -583,17 +592,46 @@ def _bce_terms(x, y, pos_weight):
     return xf, y, pw, pos
 
 
+def _softplus_pair(xf):
+    """``(softplus(x), softplus(-x))`` sharing one ``exp`` and one ``log1p``
+    (the same stable formula as :func:`jax.nn.softplus`)."""
+    tail = jnp.log1p(jnp.exp(-jnp.abs(xf)))
+    return jnp.maximum(xf, 0) + tail, jnp.maximum(-xf, 0) + tail
+
+
+def _sigmoid_pair(xf):
+    """``(sigmoid(x), sigmoid(-x))`` from one ``exp`` and one division."""
+    e = jnp.exp(-jnp.abs(xf))
+    big = 1 / (1 + e)
+    small = e * big
+    nonneg = xf >= 0
+    return jnp.where(nonneg, big, small), jnp.where(nonneg, small, big)
+
+
+def _mul0_nonneg(w, v):
+    """``mul0(w, v)`` for ``v >= 0`` (finite, +inf or NaN) without a select, so
+    that a reduction over it fuses into one pass: +inf is capped at the largest
+    float where ``w == 0`` and left infinite elsewhere (``hi * (1 + |w| hi)``
+    overflows for every normal ``w``); finite ``v`` is unchanged."""
+    hi = jnp.finfo(v.dtype).max
+    return w * jnp.minimum(v, hi * (1 + jnp.abs(w) * hi))
+
+
 def _sigmoid_bce_fwd(x, y, pos_weight):
     xf, y, _, pos = _bce_terms(x, y, pos_weight)
-    loss = mul0(pos, jax.nn.softplus(-xf)) + mul0(1 - y, jax.nn.softplus(xf))
+    sp_pos, sp_neg = _softplus_pair(xf)
+    loss = _mul0_nonneg(pos, sp_neg) + _mul0_nonneg(1 - y, sp_pos)
     return loss, (x, y, pos_weight)
 
 
 def _sigmoid_bce_bwd(res, g):
     x, y_in, pos_weight = res
-    xf, y, pw, pos = _bce_terms(x, y_in, pos_weight)
-    dx = g * ((1 - y) * jax.nn.sigmoid(xf) - pos * jax.nn.sigmoid(-xf))
-    sp_neg, sp_pos = jax.nn.softplus(-xf), jax.nn.softplus(xf)
+    # Recomputed apart from the forward: XLA would otherwise share exp(-|x|)
+    # between the two passes and write it to memory.
+    xf, y, pw, pos = _bce_terms(lax.optimization_barrier(x), y_in, pos_weight)
+    sig_pos, sig_neg = _sigmoid_pair(xf)
+    dx = g * ((1 - y) * sig_pos - pos * sig_neg)
+    sp_pos, sp_neg = _softplus_pair(xf)
     d_pos = dweight(pos, sp_neg)
     dy = -dweight(1 - y, sp_pos) + (d_pos if pw is None else mul0(pw, d_pos))
     dpw = None

@@ -8,6 +8,7 @@ from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import (
@@ -26,7 +27,14 @@ from ._checks import (
     safe_log,
     upcast,
 )
-from ._softmax import class_sum, kept_count, normalizer, probs
+from ._softmax import (
+    class_sum,
+    kept_count,
+    max_sumexp,
+    normalizer,
+    probs,
+    shifted,
+)
 
 
 def _masked(mask, *grads):
@@ -335,13 +343,20 @@ def _softmax_entropy(x, mask, axes, axis_name):
 def _softmax_entropy_fwd(x, mask, axes, axis_name):
     xf = upcast(x, mask)
     m, ls = normalizer(xf, axes, mask, axis_name)
-    p = probs(xf, m, ls, mask)
-    h = ls - class_sum(mul0(p, xf - m), axes, axis_name)
+    xs = shifted(xf, m)
+    # xs <= 0 (-inf where excluded) and p > 0 only where xs is finite, so
+    # flooring xs at the lowest float only turns 0 * -inf into 0: mul0 without
+    # a select, which lets the sum fuse into one pass over the logits.
+    px = jnp.exp(xs - ls) * jnp.maximum(xs, jnp.finfo(xs.dtype).min)
+    h = ls - class_sum(px, axes, axis_name)
     return jnp.squeeze(h, axes), (x, mask, m, ls, h)
 
 
 def _softmax_entropy_bwd(axes, axis_name, res, g):
-    x, mask, m, ls, h = res
+    # The barrier keeps XLA from sharing the forward's N x C softmax with this
+    # pass, which would write it to memory.
+    x, m, ls, h = lax.optimization_barrier((res[0], *res[2:]))
+    mask = res[1]
     xf = upcast(x, mask)
     p = probs(xf, m, ls, mask)
     dx = -jnp.expand_dims(g, axes) * mul0(p, (xf - m) - ls + h)
@@ -416,21 +431,39 @@ def _kl_terms(xf, tf, mx, lsx, mt, lst, q):
 def _softmax_kl_fwd(x, t, mask, axes, axis_name):
     xf, tf = upcast(x, mask), upcast(t, mask)
     mx, lsx = normalizer(xf, axes, mask, axis_name)
-    mt, lst = normalizer(tf, axes, mask, axis_name)
-    q = probs(tf, mt, lst, mask)
-    kl = class_sum(_kl_terms(xf, tf, mx, lsx, mt, lst, q), axes, axis_name)
-    mass = class_sum(q, axes, axis_name)
+    mt, st = max_sumexp(tf, axes, mask, axis_name)
+    lst = jnp.log(jnp.maximum(st, 1.0))
+    lq = shifted(tf, mt) - lst
+    lp = shifted(xf, mx) - lsx
+    q = jnp.exp(lq)
+    # mul0 without a select, so that the sum fuses into one pass: q > 0 only
+    # where lq is finite; a -inf lp keeps -inf where q > 0 (the floor
+    # lo * (1 + q * max) overflows) and is floored to lo where q == 0.
+    lo, hi = jnp.finfo(lq.dtype).min, jnp.finfo(lq.dtype).max
+    terms = q * jnp.maximum(lq, lo) - q * jnp.maximum(lp, lo * (1 + q * hi))
+    kl = class_sum(terms, axes, axis_name)
+    # sum(q): 1 on a row with an admissible class (st >= 1), 0 on an empty one.
+    mass = jnp.minimum(st, 1.0)
+    # An identity (mass >= 0 unless NaN, and then kl is NaN too), but XLA
+    # cannot fuse the row sum through it into both users of kl (the loss and
+    # the backward), which would write the N x C terms to memory.
+    kl = jnp.where(mass >= 0, kl, jnp.nan)
     return jnp.squeeze(kl, axes), (x, t, mask, mx, lsx, mt, lst, kl, mass)
 
 
 def _softmax_kl_bwd(axes, axis_name, res, g):
     x, t, mask, mx, lsx, mt, lst, kl, mass = res
-    xf, tf = upcast(x, mask), upcast(t, mask)
     g = jnp.expand_dims(g, axes)
-    p = probs(xf, mx, lsx, mask)
-    q = probs(tf, mt, lst, mask)
+    # Each gradient recomputes softmax(t) in its own pass: the two barriers
+    # (distinct operand orders) keep XLA from sharing one N x C copy of it.
+    xa, ta, mxa, lsxa, mta, lsta = lax.optimization_barrier((x, t, mx, lsx, mt, lst))
+    p = probs(upcast(xa, mask), mxa, lsxa, mask)
+    q = probs(upcast(ta, mask), mta, lsta, mask)
     dx = g * (p * mass - q)
-    dt = g * (_kl_terms(xf, tf, mx, lsx, mt, lst, q) - q * kl)
+    tb, xb, mtb, lstb, mxb, lsxb = lax.optimization_barrier((t, x, mt, lst, mx, lsx))
+    xf, tf = upcast(xb, mask), upcast(tb, mask)
+    q = probs(tf, mtb, lstb, mask)
+    dt = g * (_kl_terms(xf, tf, mxb, lsxb, mtb, lstb, q) - q * kl)
     return dx.astype(x.dtype), dt.astype(t.dtype), None
 
 

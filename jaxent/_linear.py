@@ -37,14 +37,16 @@ from ._checks import (
     spec,
 )
 
-# Default tiling, measured on the XLA CPU backend (benchmarks/linear_ce.py
-# --sweep) at N=2048, D=256, V=32768, forward+backward: tiles of 2^20 logits run
-# within ~2% of tiles of 2^21 and below the materialized path's time; at a given
-# tile size 2048-column vocab blocks are the fastest shape (512 columns ~14%
-# slower, 8192 ~8%). Compiled temp memory is about two float32 tiles (the
-# backward's logits and their gradient) plus O(N D), so 2^20 logits (4 MiB) per
-# tile gives ~11 MiB whatever N x V.
-_TILE = 2**20
+# Default tiling, measured with benchmarks/linear_ce.py --sweep (forward +
+# backward). CPU, N=2048, D=256, V=32768 float32: tiles of 2^20 logits run within
+# ~2% of tiles of 2^21 and below the materialized path's time; at a given tile
+# size 2048-column vocab blocks are the fastest shape (512 columns ~14% slower,
+# 8192 ~8%). H100, N=8192, D=4096, V=128256 bfloat16: each loop step costs a
+# fixed overhead, so tiles of 2^24 logits (8192 x 2048: 64 ms) beat 2^20 (157 ms)
+# while 2^25 gains only 3%. Compiled temp memory is about two float32 tiles (the
+# backward's logits and their gradient) plus O(N D).
+_TILE_CPU = 2**20
+_TILE_ACCELERATOR = 2**24
 _BLOCK_V = 2048
 
 
@@ -110,10 +112,11 @@ def linear_softmax_cross_entropy(
         examples; 0 when none is counted).
       block_size: vocabulary block width ``block_v``, or a pair ``(block_n,
         block_v)`` to also fix the token chunk. ``None`` picks tiles of about
-        ``2**20`` logits (4 MiB in float32), the fastest measured on CPU:
-        ``block_v = min(V, max(2048, 2**20 // N))`` and ``block_n = min(N,
-        2**20 // block_v)``; with ``block_v`` alone, ``block_n`` is derived the
-        same way. Compiled temp memory is then about two tiles plus
+        ``T`` logits, the fastest measured: ``T = 2**20`` (4 MiB in float32) on
+        CPU, ``2**24`` on GPU/TPU where each loop step has a fixed cost;
+        ``block_v = min(V, max(2048, T // N))`` and ``block_n = min(N,
+        T // block_v)``; with ``block_v`` alone, ``block_n`` is derived the
+        same way. Compiled temp memory is then about two float32 tiles plus
         ``O(N D)``, whatever ``N x V``. A ragged last block gets its own static
         shape (``weight`` is never padded).
       axis_name: mesh axis over which ``weight`` (and ``bias``) are sharded by
@@ -280,8 +283,9 @@ def _common_float(a, b) -> jnp.dtype:
 
 def _blocks(fn: str, block_size, n: int, v: int) -> tuple[int, int]:
     """Token chunk and vocabulary block sizes (see ``block_size``)."""
+    tile = _TILE_CPU if jax.default_backend() == "cpu" else _TILE_ACCELERATOR
     if block_size is None:
-        block_v = max(_BLOCK_V, _TILE // max(n, 1) // 128 * 128)
+        block_v = max(_BLOCK_V, tile // max(n, 1) // 128 * 128)
         block_n = None
     else:
         sizes = (block_size,) if np.ndim(block_size) == 0 else tuple(block_size)
@@ -297,7 +301,7 @@ def _blocks(fn: str, block_size, n: int, v: int) -> tuple[int, int]:
         block_n, block_v = (None, *sizes) if len(sizes) == 1 else sizes
     block_v = min(block_v, max(v, 1))
     if block_n is None:
-        block_n = max(8, _TILE // block_v // 8 * 8)
+        block_n = max(8, tile // block_v // 8 * 8)
     return min(block_n, max(n, 1)), block_v
 
 

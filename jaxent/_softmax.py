@@ -21,6 +21,38 @@ def class_sum(
     return s if axis_name is None else lax.psum(s, axis_name)
 
 
+def _row_mask(mask: jax.Array, axes: tuple[int, ...], ndim: int) -> bool:
+    """Whether ``mask`` selects whole rows (size 1 along every class axis)."""
+    return mask.ndim == ndim and all(mask.shape[a] == 1 for a in axes)
+
+
+def max_sumexp(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: Hashable | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row max ``m`` and ``s = sum(exp(x - m))`` (keepdims).
+
+    A row with no admissible class (all -inf or masked out) gets ``m = s = 0``;
+    ``s >= 1`` on every other row (the max term contributes 1).
+    """
+    rows = None
+    if mask is not None and _row_mask(mask, axes, x.ndim):
+        # An example mask is applied to the per-row results: a select inside
+        # the N x C reductions would keep XLA:CPU from fusing them.
+        rows, mask = mask, None
+    m = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
+    if axis_name is not None:
+        m = lax.pmax(m, axis_name)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    s = class_sum(jnp.exp(x - m), axes, axis_name, where=mask)
+    if rows is not None:
+        m = jnp.where(rows, m, 0.0)
+        s = jnp.where(rows, s, 0.0)
+    return m, s
+
+
 def normalizer(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -33,16 +65,35 @@ def normalizer(
     for large offsets (logits near 1e7 in float32 still give exactly log C).
     A row with no admissible class (all -inf or masked out) gets ``m = ls = 0``.
     """
-    m = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
-    if axis_name is not None:
-        m = lax.pmax(m, axis_name)
-    m = jnp.where(m == -jnp.inf, 0.0, m)
-    s = class_sum(jnp.exp(x - m), axes, axis_name, where=mask)
-    # s is never in (0, 1) for an admissible row: the max term contributes 1.
-    # (log of a guarded argument: a bare log(0) would put 0 * inf = NaN into the
-    # derivative of this rule.)
-    ls = jnp.log(jnp.where(s == 0, 1.0, s))
-    return m, ls
+    m, s = max_sumexp(x, axes, mask, axis_name)
+    # Flooring at 1 only maps an empty row's s = 0 to log 1 = 0 (s is never in
+    # (0, 1)). Unlike a select, it fuses into the N x C passes that use ``ls``,
+    # and its derivative at s = 0 is 0, not the 0 * inf (NaN) of a bare log(0)
+    # when this rule is differentiated again.
+    return m, jnp.log(jnp.maximum(s, 1.0))
+
+
+def shifted(x: jax.Array, m: jax.Array) -> jax.Array:
+    """``x - m`` as an expression of its own. XLA would otherwise compute one
+    N x C difference for all its consumers and write it to memory; apart, each
+    consumer recomputes it inside its own fused pass over ``x``."""
+    return x - lax.optimization_barrier(m)
+
+
+def class_sum_mul0(
+    w: jax.Array, v: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None
+) -> jax.Array:
+    """``class_sum(mul0(w, v))`` for ``v <= 0`` (shifted logits: finite, -inf or
+    NaN), written without a select so that XLA:CPU fuses it into one reduction
+    pass instead of first writing the N x C product to memory.
+
+    ``v`` is floored at ``lo``: the lowest float where ``w = 0`` (so a -inf there
+    adds ``0 * lo = 0``) and -inf elsewhere (``lo * (1 + |w| * max)`` overflows
+    for every normal ``w``), which leaves every finite ``v`` as it is.
+    """
+    info = jnp.finfo(v.dtype)
+    lo = info.min * (1 + jnp.abs(w) * info.max)
+    return class_sum(w * jnp.maximum(v, lo), axes, axis_name)
 
 
 def has_class(
@@ -119,14 +170,17 @@ def _log_softmax(x, mask, axes, axis_name):
 def _log_softmax_fwd(x, mask, axes, axis_name):
     xf = upcast(x, mask)
     m, ls = normalizer(xf, axes, mask, axis_name)
-    out = (xf - m) - ls
+    out = shifted(xf, m) - ls
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)
     return out.astype(x.dtype), (x, mask, m, ls)
 
 
 def _log_softmax_bwd(axes, axis_name, res, g):
-    x, mask, m, ls = res
+    # Recomputed from the logits: without the barrier XLA reads the forward's
+    # output instead and keeps that N x C array alive until here.
+    x, m, ls = lax.optimization_barrier((res[0], *res[2:]))
+    mask = res[1]
     g = upcast(g)
     if mask is not None:
         g = jnp.where(mask, g, 0.0)
