@@ -8,7 +8,6 @@ from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import (
@@ -21,6 +20,7 @@ from ._checks import (
     check_same_shape,
     class_mask,
     dweight,
+    fusion_barrier,
     loss_mask,
     mul0,
     reduce_loss,
@@ -355,7 +355,7 @@ def _softmax_entropy_fwd(x, mask, axes, axis_name):
 def _softmax_entropy_bwd(axes, axis_name, res, g):
     # The barrier keeps XLA from sharing the forward's N x C softmax with this
     # pass, which would write it to memory.
-    x, m, ls, h = lax.optimization_barrier((res[0], *res[2:]))
+    x, m, ls, h = fusion_barrier((res[0], *res[2:]))
     mask = res[1]
     xf = upcast(x, mask)
     p = probs(xf, m, ls, mask)
@@ -456,11 +456,11 @@ def _softmax_kl_bwd(axes, axis_name, res, g):
     g = jnp.expand_dims(g, axes)
     # Each gradient recomputes softmax(t) in its own pass: the two barriers
     # (distinct operand orders) keep XLA from sharing one N x C copy of it.
-    xa, ta, mxa, lsxa, mta, lsta = lax.optimization_barrier((x, t, mx, lsx, mt, lst))
+    xa, ta, mxa, lsxa, mta, lsta = fusion_barrier((x, t, mx, lsx, mt, lst))
     p = probs(upcast(xa, mask), mxa, lsxa, mask)
     q = probs(upcast(ta, mask), mta, lsta, mask)
     dx = g * (p * mass - q)
-    tb, xb, mtb, lstb, mxb, lsxb = lax.optimization_barrier((t, x, mt, lst, mx, lsx))
+    tb, xb, mtb, lstb, mxb, lsxb = fusion_barrier((t, x, mt, lst, mx, lsx))
     xf, tf = upcast(xb, mask), upcast(tb, mask)
     q = probs(tf, mtb, lstb, mask)
     dt = g * (_kl_terms(xf, tf, mxb, lsxb, mtb, lstb, q) - q * kl)

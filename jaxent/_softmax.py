@@ -10,7 +10,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import Axis, align_vma, as_float, canonical_axes, class_mask, upcast
+from ._checks import (
+    Axis,
+    align_vma,
+    as_float,
+    canonical_axes,
+    class_mask,
+    fusion_barrier,
+    upcast,
+)
 
 
 def class_sum(
@@ -74,10 +82,10 @@ def normalizer(
 
 
 def shifted(x: jax.Array, m: jax.Array) -> jax.Array:
-    """``x - m`` as an expression of its own. XLA would otherwise compute one
-    N x C difference for all its consumers and write it to memory; apart, each
-    consumer recomputes it inside its own fused pass over ``x``."""
-    return x - lax.optimization_barrier(m)
+    """``x - m`` as an expression of its own. XLA:CPU would otherwise compute
+    one N x C difference for all its consumers and write it to memory; apart,
+    each consumer recomputes it inside its own fused pass over ``x``."""
+    return x - fusion_barrier(m)
 
 
 def class_sum_mul0(
@@ -113,9 +121,9 @@ def kept_count(mask, axes, batch_shape, axis_name=None) -> jax.Array | None:
 
 def probs(x: jax.Array, m: jax.Array, ls: jax.Array, mask: jax.Array | None):
     """``softmax(x)`` from the row normalizer, 0 at masked classes."""
-    # Without the barrier XLA merges this ``x - m`` with the forward's, and the
-    # shared N x C difference is then written to memory instead of fused.
-    m = lax.optimization_barrier(m)
+    # Without the barrier XLA:CPU merges this ``x - m`` with the forward's, and
+    # the shared N x C difference is then written to memory instead of fused.
+    m = fusion_barrier(m)
     p = jnp.exp((x - m) - ls)
     return p if mask is None else jnp.where(mask, p, 0.0)
 
@@ -179,7 +187,7 @@ def _log_softmax_fwd(x, mask, axes, axis_name):
 def _log_softmax_bwd(axes, axis_name, res, g):
     # Recomputed from the logits: without the barrier XLA reads the forward's
     # output instead and keeps that N x C array alive until here.
-    x, m, ls = lax.optimization_barrier((res[0], *res[2:]))
+    x, m, ls = fusion_barrier((res[0], *res[2:]))
     mask = res[1]
     g = upcast(g)
     if mask is not None:

@@ -2,6 +2,7 @@
 plain-JAX reference, transforms, masks, dtypes and argument errors."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -466,6 +467,39 @@ def test_residuals_are_logits_and_per_row_terms():
         assert len(big) <= 2, [leaf.shape for leaf in big]
 
 
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x, y: INT_CE(x, jnp.argmax(y, -1), label_smoothing=0.1),
+        lambda x, y: SOFT_CE(x, y),
+        lambda x, y: BCE(x, y),
+        lambda x, y: jaxent.softmax_kl_divergence(x, y),
+        lambda x, y: jaxent.softmax_entropy(x),
+        lambda x, y: jaxent.log_softmax(x),
+        lambda x, y: jaxent.softmax(x),
+    ],
+    ids=[
+        "int",
+        "soft",
+        "bce",
+        "softmax_kl",
+        "softmax_entropy",
+        "log_softmax",
+        "softmax",
+    ],
+)
+def test_low_precision_residuals_are_the_inputs(loss):
+    """bf16 inputs are saved as they are, not as float32 copies."""
+    n, c = 8, 16
+    x = logits(0, (n, c)).astype(jnp.bfloat16)
+    y = probabilities(1, (n, c)).astype(jnp.bfloat16)
+    _, vjp = jax.vjp(loss, x, y)
+    big = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if leaf.size >= n * c]
+    assert big and all(leaf.dtype == jnp.bfloat16 for leaf in big), [
+        (leaf.shape, leaf.dtype) for leaf in big
+    ]
+
+
 def test_label_smoothing_builds_no_one_hot():
     n, c = 8, 16
     x = logits(0, (n, c))
@@ -588,3 +622,29 @@ def test_label_dtypes(dtype):
     assert_close(
         reference.softmax_cross_entropy_with_integer_labels(x, labels), expected
     )
+
+
+@pytest.mark.parametrize(
+    "opts", INT_OPTIONS[::5], ids=lambda o: "-".join(f"{v}" for v in o.values())
+)
+def test_accelerator_formulation_matches(opts, monkeypatch):
+    """Off CPU the target logit is found by comparison (no gather/scatter) and no
+    fusion barriers are placed: same values and gradients."""
+    x, labels, weights, kw = _int_case(opts)
+    kw = dict(kw, weights=weights, reduction=opts["reduction"])
+
+    def loss(x):
+        return INT_CE(x, labels, **kw)
+
+    def scatters():
+        """Whether the gradient is scattered into an N x C array."""
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: loss(x).sum()))(x))
+        return re.search(rf"\[{x.shape[0]},{x.shape[1]}\] = scatter", jaxpr) is not None
+
+    value, grads = _loss_and_grads(loss, 0, x)
+    assert scatters()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not scatters()
+    value_gpu, grads_gpu = _loss_and_grads(loss, 0, x)
+    assert_close(value_gpu, value)
+    assert_close(grads_gpu, grads, kind="grad")
