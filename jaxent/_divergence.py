@@ -353,8 +353,8 @@ def _softmax_entropy_fwd(x, mask, axes, axis_name):
 
 
 def _softmax_entropy_bwd(axes, axis_name, res, g):
-    # The barrier keeps XLA from sharing the forward's N x C softmax with this
-    # pass, which would write it to memory.
+    # The barrier keeps XLA:CPU from sharing the forward's N x C softmax with
+    # this pass, which would write it to memory.
     x, m, ls, h = fusion_barrier((res[0], *res[2:]))
     mask = res[1]
     xf = upcast(x, mask)
@@ -455,7 +455,7 @@ def _softmax_kl_bwd(axes, axis_name, res, g):
     x, t, mask, mx, lsx, mt, lst, kl, mass = res
     g = jnp.expand_dims(g, axes)
     # Each gradient recomputes softmax(t) in its own pass: the two barriers
-    # (distinct operand orders) keep XLA from sharing one N x C copy of it.
+    # (distinct operand orders) keep XLA:CPU from sharing one N x C copy of it.
     xa, ta, mxa, lsxa, mta, lsta = fusion_barrier((x, t, mx, lsx, mt, lst))
     p = probs(upcast(xa, mask), mxa, lsxa, mask)
     q = probs(upcast(ta, mask), mta, lsta, mask)

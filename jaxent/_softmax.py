@@ -185,7 +185,7 @@ def _log_softmax_fwd(x, mask, axes, axis_name):
 
 
 def _log_softmax_bwd(axes, axis_name, res, g):
-    # Recomputed from the logits: without the barrier XLA reads the forward's
+    # Recomputed from the logits: without the barrier XLA:CPU reads the forward's
     # output instead and keeps that N x C array alive until here.
     x, m, ls = fusion_barrier((res[0], *res[2:]))
     mask = res[1]
