@@ -193,7 +193,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     xf = upcast(x, cmask)
     dtype = xf.dtype
     n_local = _num_local(x.shape, axes)
-    m, ls = normalizer(xf, axes, cmask, name)
+    m, ls = normalizer(xf, axes, name)
     sumy = jnp.zeros((), dtype)
     lin = jnp.zeros((), dtype)
     a = xy = b = None
@@ -237,7 +237,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         b = eps / jnp.maximum(count, 1).astype(dtype)
         big_u = count if u is None else class_sum(u, axes, name)
         xs = shifted(xf, m)
-        ux = class_sum(xs if u is None else mul0(u, xs), axes, name, where=cmask)
+        ux = class_sum(xs if u is None else mul0(u, xs), axes, name)
         sumy = sumy + b * big_u
         lin = lin + b * ux
     loss = sumy * ls - lin
@@ -274,7 +274,7 @@ def _softmax_ce_bwd(opts, res, g):
     # Per-row factors are finished here, not re-derived inside the N x C loop;
     # an ignored row has coef 0, so its gradient is 0 for finite logits.
     pscale, m, ls = fusion_barrier((coef * scale, m, ls))
-    dx = probs(xf, m, ls, cmask) * pscale
+    dx = probs(xf, m, ls) * pscale
     y = u = None
     if dense is not None:
         y = dense.astype(dtype)

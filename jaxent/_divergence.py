@@ -342,7 +342,7 @@ def _softmax_entropy(x, mask, axes, axis_name):
 
 def _softmax_entropy_fwd(x, mask, axes, axis_name):
     xf = upcast(x, mask)
-    m, ls = normalizer(xf, axes, mask, axis_name)
+    m, ls = normalizer(xf, axes, axis_name)
     xs = shifted(xf, m)
     # xs <= 0 (-inf where excluded) and p > 0 only where xs is finite, so
     # flooring xs at the lowest float only turns 0 * -inf into 0: mul0 without
@@ -358,7 +358,7 @@ def _softmax_entropy_bwd(axes, axis_name, res, g):
     x, m, ls, h = fusion_barrier((res[0], *res[2:]))
     mask = res[1]
     xf = upcast(x, mask)
-    p = probs(xf, m, ls, mask)
+    p = probs(xf, m, ls)
     dx = -jnp.expand_dims(g, axes) * mul0(p, (xf - m) - ls + h)
     return dx.astype(x.dtype), None
 
@@ -430,8 +430,8 @@ def _kl_terms(xf, tf, mx, lsx, mt, lst, q):
 
 def _softmax_kl_fwd(x, t, mask, axes, axis_name):
     xf, tf = upcast(x, mask), upcast(t, mask)
-    mx, lsx = normalizer(xf, axes, mask, axis_name)
-    mt, st = max_sumexp(tf, axes, mask, axis_name)
+    mx, lsx = normalizer(xf, axes, axis_name)
+    mt, st = max_sumexp(tf, axes, axis_name)
     lst = jnp.log(jnp.maximum(st, 1.0))
     lq = shifted(tf, mt) - lst
     lp = shifted(xf, mx) - lsx
@@ -457,12 +457,12 @@ def _softmax_kl_bwd(axes, axis_name, res, g):
     # Each gradient recomputes softmax(t) in its own pass: the two barriers
     # (distinct operand orders) keep XLA:CPU from sharing one N x C copy of it.
     xa, ta, mxa, lsxa, mta, lsta = fusion_barrier((x, t, mx, lsx, mt, lst))
-    p = probs(upcast(xa, mask), mxa, lsxa, mask)
-    q = probs(upcast(ta, mask), mta, lsta, mask)
+    p = probs(upcast(xa, mask), mxa, lsxa)
+    q = probs(upcast(ta, mask), mta, lsta)
     dx = g * (p * mass - q)
     tb, xb, mtb, lstb, mxb, lsxb = fusion_barrier((t, x, mt, lst, mx, lsx))
     xf, tf = upcast(xb, mask), upcast(tb, mask)
-    q = probs(tf, mtb, lstb, mask)
+    q = probs(tf, mtb, lstb)
     dt = g * (_kl_terms(xf, tf, mxb, lsxb, mtb, lstb, q) - q * kl)
     return dx.astype(x.dtype), dt.astype(t.dtype), None
 

@@ -22,58 +22,42 @@ from ._checks import (
 
 
 def class_sum(
-    v: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None, where=None
+    v: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None
 ) -> jax.Array:
     """Sum over the class axes (keepdims), across shards when vocab-parallel."""
-    s = jnp.sum(v, axis=axes, keepdims=True, where=where)
+    s = jnp.sum(v, axis=axes, keepdims=True)
     return s if axis_name is None else lax.psum(s, axis_name)
 
 
-def _row_mask(mask: jax.Array, axes: tuple[int, ...], ndim: int) -> bool:
-    """Whether ``mask`` selects whole rows (size 1 along every class axis)."""
-    return mask.ndim == ndim and all(mask.shape[a] == 1 for a in axes)
-
-
 def max_sumexp(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: Hashable | None = None,
+    x: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Per-row max ``m`` and ``s = sum(exp(x - m))`` (keepdims).
 
-    A row with no admissible class (all -inf or masked out) gets ``m = s = 0``;
-    ``s >= 1`` on every other row (the max term contributes 1).
+    ``x`` comes from :func:`upcast` with the caller's mask, so excluded entries
+    are already -inf and the reductions need no mask (nor a select, which would
+    keep XLA:CPU from fusing them). A row with no admissible class (all -inf)
+    gets ``m = s = 0``; ``s >= 1`` on every other row (the max term gives 1).
     """
-    rows = None
-    if mask is not None and _row_mask(mask, axes, x.ndim):
-        # An example mask is applied to the per-row results: a select inside
-        # the N x C reductions would keep XLA:CPU from fusing them.
-        rows, mask = mask, None
-    m = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
+    m = jnp.max(x, axis=axes, keepdims=True)
     if axis_name is not None:
         m = lax.pmax(m, axis_name)
     m = jnp.where(m == -jnp.inf, 0.0, m)
-    s = class_sum(jnp.exp(x - m), axes, axis_name, where=mask)
-    if rows is not None:
-        m = jnp.where(rows, m, 0.0)
-        s = jnp.where(rows, s, 0.0)
+    s = class_sum(jnp.exp(x - m), axes, axis_name)
     return m, s
 
 
 def normalizer(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: Hashable | None = None,
+    x: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-row ``(m, ls)`` with ``logsumexp(x) = m + ls`` (keepdims).
+    """Per-row ``(m, ls)`` with ``logsumexp(x) = m + ls`` (keepdims), for ``x``
+    as in :func:`max_sumexp`.
 
     Keeping the max ``m`` apart lets callers work with ``x - m``, which is exact
     for large offsets (logits near 1e7 in float32 still give exactly log C).
     A row with no admissible class (all -inf or masked out) gets ``m = ls = 0``.
     """
-    m, s = max_sumexp(x, axes, mask, axis_name)
+    m, s = max_sumexp(x, axes, axis_name)
     # Flooring at 1 only maps an empty row's s = 0 to log 1 = 0 (s is never in
     # (0, 1)). Unlike a select, it fuses into the N x C passes that use ``ls``,
     # and its derivative at s = 0 is 0, not the 0 * inf (NaN) of a bare log(0)
@@ -119,13 +103,12 @@ def kept_count(mask, axes, batch_shape, axis_name=None) -> jax.Array | None:
     return jnp.sum(jnp.broadcast_to(rows, batch_shape))
 
 
-def probs(x: jax.Array, m: jax.Array, ls: jax.Array, mask: jax.Array | None):
-    """``softmax(x)`` from the row normalizer, 0 at masked classes."""
+def probs(x: jax.Array, m: jax.Array, ls: jax.Array) -> jax.Array:
+    """``softmax(x)`` from the row normalizer (0 at the -inf of masked classes)."""
     # Without the barrier XLA:CPU merges this ``x - m`` with the forward's, and
     # the shared N x C difference is then written to memory instead of fused.
     m = fusion_barrier(m)
-    p = jnp.exp((x - m) - ls)
-    return p if mask is None else jnp.where(mask, p, 0.0)
+    return jnp.exp((x - m) - ls)
 
 
 def log_softmax(
@@ -177,7 +160,7 @@ def _log_softmax(x, mask, axes, axis_name):
 
 def _log_softmax_fwd(x, mask, axes, axis_name):
     xf = upcast(x, mask)
-    m, ls = normalizer(xf, axes, mask, axis_name)
+    m, ls = normalizer(xf, axes, axis_name)
     out = shifted(xf, m) - ls
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)
@@ -192,7 +175,7 @@ def _log_softmax_bwd(axes, axis_name, res, g):
     g = upcast(g)
     if mask is not None:
         g = jnp.where(mask, g, 0.0)
-    p = probs(upcast(x, mask), m, ls, mask)
+    p = probs(upcast(x, mask), m, ls)
     dx = g - p * class_sum(g, axes, axis_name)
     return dx.astype(x.dtype), None
 
@@ -247,13 +230,13 @@ def _softmax(x, mask, axes, axis_name):
 
 def _softmax_fwd(x, mask, axes, axis_name):
     xf = upcast(x, mask)
-    m, ls = normalizer(xf, axes, mask, axis_name)
-    return probs(xf, m, ls, mask).astype(x.dtype), (x, mask, m, ls)
+    m, ls = normalizer(xf, axes, axis_name)
+    return probs(xf, m, ls).astype(x.dtype), (x, mask, m, ls)
 
 
 def _softmax_bwd(axes, axis_name, res, g):
     x, mask, m, ls = res
-    p = probs(upcast(x, mask), m, ls, mask)
+    p = probs(upcast(x, mask), m, ls)
     g = upcast(g)
     dx = p * (g - class_sum(g * p, axes, axis_name))
     return dx.astype(x.dtype), None
