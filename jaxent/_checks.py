@@ -192,6 +192,22 @@ def mul0(w: jax.Array, v: jax.Array) -> jax.Array:
     return w * dweight(w, v)
 
 
+def mul0_nonneg(w: jax.Array, v: jax.Array) -> jax.Array:
+    """:func:`mul0` for ``v >= 0`` (finite, +inf or NaN) without a select, so
+    that XLA:CPU fuses a reduction over it into one pass: ``v`` is capped at the
+    largest float where ``w == 0`` (``0 * cap = 0``) and left as it is elsewhere
+    (the cap ``max * (1 + |w| max)`` overflows to inf for every normal ``w``)."""
+    hi = jnp.finfo(v.dtype).max
+    return w * jnp.minimum(v, hi * (1 + jnp.abs(w) * hi))
+
+
+def mul0_nonpos(w: jax.Array, v: jax.Array) -> jax.Array:
+    """:func:`mul0` for ``v <= 0`` (shifted logits, log-probabilities: finite,
+    -inf or NaN), the mirror image of :func:`mul0_nonneg`."""
+    info = jnp.finfo(v.dtype)
+    return w * jnp.maximum(v, info.min * (1 + jnp.abs(w) * info.max))
+
+
 def safe_log(v: jax.Array) -> jax.Array:
     """``log(v)`` whose derivative at ``v == 0`` is 0 rather than NaN (the value
     there is only used behind :func:`mul0`)."""

@@ -30,6 +30,8 @@ from ._checks import (
     like,
     loss_mask,
     mul0,
+    mul0_nonneg,
+    mul0_nonpos,
     on_cpu,
     reduce_loss,
     replicated,
@@ -40,7 +42,6 @@ from ._checks import (
 )
 from ._softmax import (
     class_sum,
-    class_sum_mul0,
     has_class,
     kept_count,
     normalizer,
@@ -203,7 +204,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
             y = jnp.where(cmask, y, 0.0)
         sumy = sumy + (1 - eps) * class_sum(y, axes, name)
         # xf is -inf at excluded entries, so x - m <= 0 everywhere.
-        lin = lin + (1 - eps) * class_sum_mul0(y, shifted(xf, m), axes, name)
+        lin = lin + (1 - eps) * class_sum(mul0_nonpos(y, shifted(xf, m)), axes, name)
     keep = _kept_rows(opts, labels, cmask)
     if labels is not None:
         a = jnp.full((), 1 - eps, dtype)
@@ -613,19 +614,10 @@ def _sigmoid_pair(xf):
     return jnp.where(nonneg, big, small), jnp.where(nonneg, small, big)
 
 
-def _mul0_nonneg(w, v):
-    """``mul0(w, v)`` for ``v >= 0`` (finite, +inf or NaN) without a select, so
-    that a reduction over it fuses into one pass: +inf is capped at the largest
-    float where ``w == 0`` and left infinite elsewhere (``hi * (1 + |w| hi)``
-    overflows for every normal ``w``); finite ``v`` is unchanged."""
-    hi = jnp.finfo(v.dtype).max
-    return w * jnp.minimum(v, hi * (1 + jnp.abs(w) * hi))
-
-
 def _sigmoid_bce_fwd(x, y_in, pos_weight):
     xf, y, _, pos = _bce_terms(x, y_in, pos_weight)
     sp_pos, sp_neg = _softplus_pair(xf)
-    loss = _mul0_nonneg(pos, sp_neg) + _mul0_nonneg(1 - y, sp_pos)
+    loss = mul0_nonneg(pos, sp_neg) + mul0_nonneg(1 - y, sp_pos)
     # The labels as given, not their float32 copy: no N x C residual is created.
     return loss, (x, y_in, pos_weight)
 

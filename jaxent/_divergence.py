@@ -23,6 +23,7 @@ from ._checks import (
     fusion_barrier,
     loss_mask,
     mul0,
+    mul0_nonpos,
     reduce_loss,
     safe_log,
     upcast,
@@ -436,11 +437,10 @@ def _softmax_kl_fwd(x, t, mask, axes, axis_name):
     lq = shifted(tf, mt) - lst
     lp = shifted(xf, mx) - lsx
     q = jnp.exp(lq)
-    # mul0 without a select, so that the sum fuses into one pass: q > 0 only
-    # where lq is finite; a -inf lp keeps -inf where q > 0 (the floor
-    # lo * (1 + q * max) overflows) and is floored to lo where q == 0.
-    lo, hi = jnp.finfo(lq.dtype).min, jnp.finfo(lq.dtype).max
-    terms = q * jnp.maximum(lq, lo) - q * jnp.maximum(lp, lo * (1 + q * hi))
+    # Select-free, so that the sum fuses into one pass: q > 0 only where lq is
+    # finite, so flooring lq at the lowest float only turns 0 * -inf into 0.
+    lo = jnp.finfo(lq.dtype).min
+    terms = q * jnp.maximum(lq, lo) - mul0_nonpos(q, lp)
     kl = class_sum(terms, axes, axis_name)
     # sum(q): 1 on a row with an admissible class (st >= 1), 0 on an empty one.
     mass = jnp.minimum(st, 1.0)

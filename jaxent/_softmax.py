@@ -72,22 +72,6 @@ def shifted(x: jax.Array, m: jax.Array) -> jax.Array:
     return x - fusion_barrier(m)
 
 
-def class_sum_mul0(
-    w: jax.Array, v: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None
-) -> jax.Array:
-    """``class_sum(mul0(w, v))`` for ``v <= 0`` (shifted logits: finite, -inf or
-    NaN), written without a select so that XLA:CPU fuses it into one reduction
-    pass instead of first writing the N x C product to memory.
-
-    ``v`` is floored at ``lo``: the lowest float where ``w = 0`` (so a -inf there
-    adds ``0 * lo = 0``) and -inf elsewhere (``lo * (1 + |w| * max)`` overflows
-    for every normal ``w``), which leaves every finite ``v`` as it is.
-    """
-    info = jnp.finfo(v.dtype)
-    lo = info.min * (1 + jnp.abs(w) * info.max)
-    return class_sum(w * jnp.maximum(v, lo), axes, axis_name)
-
-
 def has_class(
     mask: jax.Array, axes: tuple[int, ...], axis_name: Hashable | None = None
 ) -> jax.Array:
