@@ -12,46 +12,51 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import (
+from ._args import (
     Axis,
-    align_vma,
     as_float,
     as_int,
+    as_probs,
+    batch_shape,
     canonical_axes,
+    check_axis_name,
+    check_broadcasts,
     check_fraction,
     check_index,
     check_nonnegative,
     check_reduction,
     check_same_shape,
     describe,
-    dweight,
-    fusion_barrier,
-    is_sharded,
-    like,
     loss_mask,
+)
+from ._backend import fusion_barrier, per_platform
+from ._define import Rule, loss
+from ._numerics import (
+    dweight,
     mul0,
     mul0_nonneg,
     mul0_nonpos,
-    on_cpu,
-    reduce_loss,
-    replicated,
-    reshard,
-    spec,
     sum_to_shape,
     upcast,
 )
+from ._reduction import count_rows, reduce_loss
+from ._sharding import is_sharded, like, replicated, reshard, spec
 from ._softmax import (
     class_sum,
     has_class,
-    kept_count,
     normalizer,
+    plain_normalizer,
+    plain_sum,
     probs,
     shifted,
 )
 
 
 class _Opts(NamedTuple):
-    axes: tuple[int, ...]
+    """Static options of the softmax cross-entropy rule."""
+
+    axes: tuple[int, ...]  # class axes, sorted
+    order: tuple[int, ...]  # the same, in the order class ids flatten them
     label_smoothing: float
     z_loss: float
     ignore_index: int | None
@@ -79,31 +84,48 @@ def _num_classes(n_local: int, axis_name: Hashable | None):
     return n_local if axis_name is None else n_local * lax.axis_size(axis_name)
 
 
-def _is_label(shape, axes, axis_name, labels) -> jax.Array:
+def _class_ids(opts: _Opts, shape, dtype) -> jax.Array:
+    """Global class id of every logit (keepdims): several class axes flatten
+    in ``opts.order``, as optax numbers them (``axis=(3, 2)``: axis 3 major)."""
+    kshape = _class_shape(shape, opts.axes)
+    ids = 0
+    for a in opts.order:
+        ids = ids * shape[a] + lax.broadcasted_iota(dtype, kshape, a)
+    return ids + _offset(_num_local(shape, opts.axes), opts.axis_name, dtype)
+
+
+def _per_class(opts: _Opts, table: jax.Array, shape) -> jax.Array:
+    """A ``[C]`` table (indexed by class id) laid out along the class axes."""
+    dims = [shape[a] for a in opts.order]
+    perm = sorted(range(len(dims)), key=lambda i: opts.order[i])
+    return table.reshape(dims).transpose(perm).reshape(_class_shape(shape, opts.axes))
+
+
+def _flat_classes(opts: _Opts, v: jax.Array) -> jax.Array:
+    """Inverse of :func:`_per_class` for class-axes-only ``v`` (sorted axes)."""
+    perm = sorted(range(len(opts.order)), key=lambda i: opts.order[i])
+    inverse = sorted(range(len(perm)), key=lambda i: perm[i])
+    return v.transpose(inverse).reshape(-1)
+
+
+def _is_label(opts: _Opts, shape, labels) -> jax.Array:
     """``class_id == label`` for every logit: the one-hot by comparison, which XLA
     fuses and which partitions cleanly when the classes are sharded."""
-    kshape = _class_shape(shape, axes)
-    ids = 0
-    for a in axes:
-        ids = ids * shape[a] + lax.broadcasted_iota(labels.dtype, kshape, a)
-    ids = ids + _offset(_num_local(shape, axes), axis_name, labels.dtype)
-    return ids == jnp.expand_dims(labels, axes)
+    return _class_ids(opts, shape, labels.dtype) == jnp.expand_dims(labels, opts.axes)
 
 
-def _gathers(x: jax.Array, axes: tuple[int, ...]) -> bool:
-    """Whether the target logit is gathered (and its gradient scattered) rather
-    than found by comparing every class id with the label.
+def _may_gather(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether the target logit may be gathered (and its gradient scattered)
+    rather than found by comparing every class id with the label.
 
     A gather touches N entries where the comparison reads all N x C. Being
     batched over the other axes, it partitions along them with no
     communication; vocab-parallel shards gather locally. An explicit-sharding
     mesh that shards the class axis rejects it, so that case (and several class
-    axes) compares. Off CPU the comparison is fused into the passes that read
-    the logits anyway, while the scatter needs the float32 gradient in memory
-    first (integer labels at 8192 x 128256 bfloat16 on an H100: 3.2 ms
-    comparing, 6.0 ms and 4 GiB of temp memory scattering).
+    axes) compares. The gather is then taken on CPU only (see
+    :func:`_target_logit`).
     """
-    return on_cpu() and len(axes) == 1 and spec(x)[axes[0]] is None
+    return len(axes) == 1 and spec(x)[axes[0]] is None
 
 
 def _local_labels(labels, n_local: int, axis_name):
@@ -165,28 +187,69 @@ def _kept_rows(opts: _Opts, labels, cmask) -> jax.Array | None:
     return keep
 
 
-# The softmax cross-entropy family. Every variant is
-#   loss = sum(Y) * logsumexp(x) - <Y, x>   (+ z_loss * logsumexp(x)**2)
-# with an implicit target Y = (1 - eps) * dense + a * onehot(label) + b * u, where
-# a = (1 - eps) * weights[label], b = eps / C and u = weights (or 1) on the
-# admissible classes; its one backward is  g * (softmax(x) * sum(Y) - Y).
+# The softmax cross-entropy family. For one row of logits x (-inf at excluded
+# classes) every variant is
+#   loss = sumy * lse - <Y, x>  (+ z_loss * lse**2),   lse = m + ls,
+# with the implicit target Y = (1 - eps) * dense + a * onehot(label) + b * u,
+# where a = (1 - eps) * weights[label], b = eps / C, u = weights (or 1) on the
+# admissible classes and sumy = sum(Y). Its one backward is
+#   d x = g * (softmax(x) * (sumy + 2 * z_loss * lse) - Y).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _softmax_ce(opts, x, dense, labels, weights, cmask):
     return _softmax_ce_fwd(opts, x, dense, labels, weights, cmask)[0]
 
 
+class _CERes(NamedTuple):
+    """Residuals: the inputs and per-row (keepdims) statistics, no N x C array."""
+
+    x: jax.Array
+    dense: jax.Array | None  # soft labels
+    labels: jax.Array | None  # integer labels
+    weights: jax.Array | None  # class weights [C]
+    cmask: jax.Array | None  # admissible classes (or rows)
+    m: jax.Array  # row max
+    ls: jax.Array  # log sum exp(x - m)
+    sumy: jax.Array  # sum(Y)
+    a: jax.Array | None  # coefficient of the one-hot part of Y
+    xy: jax.Array | None  # x[label] - m
+    b: jax.Array | None  # eps / C, the smoothing coefficient
+    rowscale: jax.Array | None  # 0: not counted, NaN: bad label, 1: counted
+
+
 def _smoothing_weights(opts, shape, weights, cmask, dtype):
     """The per-class ``u`` of label smoothing (None means all ones)."""
-    u = (
-        None
-        if weights is None
-        else weights.astype(dtype).reshape(_class_shape(shape, opts.axes))
-    )
+    u = None if weights is None else _per_class(opts, weights.astype(dtype), shape)
     if cmask is not None:
         # Broadcast in full: a mask may be [N, 1] (examples) or [1, C] (classes).
         cmask = jnp.broadcast_to(cmask, shape)
         u = cmask.astype(dtype) if u is None else jnp.where(cmask, u, 0.0)
     return u
+
+
+def _target_logit(opts, x, xf, m, labels) -> jax.Array:
+    """``x[label] - m`` per row (keepdims), summed over class shards.
+
+    On CPU it is gathered where :func:`_may_gather` allows; elsewhere the
+    comparison is fused into the passes that read the logits anyway (integer
+    labels at 8192 x 128256 bfloat16 on an H100: 3.2 ms comparing, 6.0 ms and
+    4 GiB of temp memory gathering and scattering).
+    """
+    axes, name = opts.axes, opts.axis_name
+
+    def compare(xf, m, labels):
+        hit = _is_label(opts, x.shape, labels)
+        return jnp.sum(jnp.where(hit, shifted(xf, m), 0.0), axes, keepdims=True)
+
+    def gather(xf, m, labels):
+        local, held = _local_labels(labels, _num_local(x.shape, axes), name)
+        xy = _take_label(xf, local, axes[0]) - m
+        return xy if name is None else jnp.where(jnp.expand_dims(held, axes), xy, 0)
+
+    if _may_gather(x, axes):
+        xy = per_platform(gather, compare, xf, m, labels)
+    else:
+        xy = compare(xf, m, labels)
+    return xy if name is None else lax.psum(xy, name)
 
 
 def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
@@ -196,7 +259,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     n_local = _num_local(x.shape, axes)
     m, ls = normalizer(xf, axes, name)
     sumy = jnp.zeros((), dtype)
-    lin = jnp.zeros((), dtype)
+    lin = jnp.zeros((), dtype)  # <Y, x - m>
     a = xy = b = None
     if dense is not None:
         y = dense.astype(dtype)
@@ -211,16 +274,7 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
         if weights is not None:
             w = _target_weight(weights.astype(dtype), labels, n_local, name)
             a = a * jnp.expand_dims(w, axes)
-        if _gathers(x, axes):
-            local, held = _local_labels(labels, n_local, name)
-            xy = _take_label(xf, local, axes[0]) - m
-            if name is not None:
-                xy = class_sum(
-                    jnp.where(jnp.expand_dims(held, axes), xy, 0.0), axes, name
-                )
-        else:
-            hit = _is_label(x.shape, axes, name, labels)
-            xy = class_sum(jnp.where(hit, shifted(xf, m), 0.0), axes, name)
+        xy = _target_logit(opts, x, xf, m, labels)
         if keep is not None:
             # An excluded row's -inf must not meet a product: its derivative
             # would be 0 * inf (NaN) when this rule is differentiated again.
@@ -255,120 +309,173 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     if rowscale is not None:
         rowscale = rowscale.astype(dtype)
         loss = jnp.where(rowscale != 0, loss * rowscale, 0.0)
-    res = (x, dense, labels, weights, cmask, m, ls, sumy, a, xy, b, rowscale)
+    res = _CERes(x, dense, labels, weights, cmask, m, ls, sumy, a, xy, b, rowscale)
     return jnp.squeeze(loss, axes), res
 
 
-def _softmax_ce_bwd(opts, res, g):
-    x, dense, labels, weights, cmask, m, ls, sumy, a, xy, b, rowscale = res
-    axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
-    xf = upcast(x, cmask)
-    dtype = xf.dtype
-    coef = jnp.expand_dims(g, axes)
-    if rowscale is not None:
-        coef = coef * rowscale
-
-    def rows(v):
-        return v if rowscale is None else jnp.where(rowscale != 0, v, 0.0)
-
-    scale = sumy + 2 * opts.z_loss * (m + ls) if opts.z_loss else sumy
-    # Per-row factors are finished here, not re-derived inside the N x C loop;
-    # an ignored row has coef 0, so its gradient is 0 for finite logits.
-    pscale, m, ls = fusion_barrier((coef * scale, m, ls))
-    dx = probs(xf, m, ls) * pscale
-    y = u = None
-    if dense is not None:
-        y = dense.astype(dtype)
-        if cmask is not None:
-            y = jnp.where(cmask, y, 0.0)
-        dx = dx - (coef * (1 - eps)) * y
-    scatter = labels is not None and _gathers(x, axes)
-    if labels is not None and not scatter:
-        hit = _is_label(x.shape, axes, name, labels)
-        dx = dx - jnp.where(hit, coef * a, 0.0)
-    if b is not None:
-        u = _smoothing_weights(opts, x.shape, weights, cmask, dtype)
-        dx = dx - (coef * b if u is None else (coef * b) * u)
-    if scatter:
-        # The one-hot part touches one entry per row: added in place.
-        local, held = _local_labels(labels, _num_local(x.shape, axes), name)
-        minus_a = jnp.squeeze(-coef * a * jnp.ones_like(coef), axes)
-        if name is not None:
-            minus_a = jnp.where(held, minus_a, 0.0)
-        dx = _add_at_label(dx, local, minus_a, axes[0])
-    dx = like(dx.astype(x.dtype), x)
-
-    def kept(v):
-        # Excluded entries and rows hold -inf or NaN factors: they are selected
-        # away before any product, so that differentiating this rule again (whose
-        # cotangents multiply these factors) stays finite.
-        v = rows(v)
-        return v if cmask is None else jnp.where(cmask, v, 0.0)
-
-    d_dense = None
-    if dense is not None:
-        d_dense = coef * (1 - eps) * kept(dweight(y, ls - (xf - m)))
-        d_dense = like(d_dense.astype(dense.dtype), dense)
-
-    d_weights = None
-    if weights is not None:
-        n_local = _num_local(x.shape, axes)
-        w = weights.astype(dtype)
-        local, held = _local_labels(labels, n_local, name)
-        w_y = _take(w, local)
-        gap = rows(dweight(jnp.expand_dims(w_y, axes), ls - xy))
-        per_row = coef * (1 - eps) * gap
-        # Out-of-shard (or out-of-range) labels scatter nowhere.
-        local = jnp.where(held, local, n_local)
-        # Under explicit sharding the per-row terms live on batch shards: their
-        # [C] sum is formed replicated (an all-reduce of C values).
-        d_weights = (
-            jnp.zeros(n_local, dtype)
-            .at[local]
-            .add(
-                jnp.squeeze(per_row, axes),
-                mode="drop",
-                out_sharding=replicated(per_row, local),
-            )
-        )
-        if b is not None:
-            wk = w.reshape(_class_shape(x.shape, axes))
-            term = coef * b * kept(dweight(wk, ls - (xf - m)))
-            batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
-            d_weights = d_weights + jnp.sum(term, axis=batch_axes).reshape(n_local)
-        d_weights = like(d_weights.astype(weights.dtype), weights)
+def _softmax_ce_bwd(opts, res: _CERes, g):
+    xf = upcast(res.x, res.cmask)
+    coef = jnp.expand_dims(g, opts.axes)
+    if res.rowscale is not None:
+        coef = coef * res.rowscale
+    dx = _ce_dlogits(opts, res, xf, coef)
+    d_dense = None if res.dense is None else _ce_dlabels(opts, res, xf, coef)
+    d_weights = None if res.weights is None else _ce_dweights(opts, res, xf, coef)
     return dx, d_dense, None, d_weights, None
+
+
+def _ce_dlogits(opts, res: _CERes, xf, coef):
+    """``coef * (softmax(x) * (sumy + 2 z lse) - Y)``: an ignored row has
+    ``coef`` 0, so its gradient is 0 for finite logits."""
+    axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
+    x, labels = res.x, res.labels
+    scale = res.sumy
+    if opts.z_loss:
+        scale = scale + 2 * opts.z_loss * (res.m + res.ls)
+    # Per-row factors are finished here, not re-derived inside the N x C loop.
+    pscale, m, ls = fusion_barrier((coef * scale, res.m, res.ls))
+    dx = probs(xf, m, ls) * pscale
+    if res.dense is not None:
+        dx = dx - (coef * (1 - eps)) * _masked_dense(res, xf.dtype)
+    if res.b is not None:
+        u = _smoothing_weights(opts, x.shape, res.weights, res.cmask, xf.dtype)
+        dx = dx - (coef * res.b if u is None else (coef * res.b) * u)
+    if labels is not None:
+        minus_a = -coef * res.a * jnp.ones_like(coef)
+
+        def compare(dx, minus_a, labels):
+            return dx + jnp.where(_is_label(opts, x.shape, labels), minus_a, 0.0)
+
+        def scatter(dx, minus_a, labels):
+            # The one-hot part touches one entry per row: added in place.
+            local, held = _local_labels(labels, _num_local(x.shape, axes), name)
+            v = jnp.squeeze(minus_a, axes)
+            if name is not None:
+                v = jnp.where(held, v, 0.0)
+            return _add_at_label(dx, local, v, axes[0])
+
+        if _may_gather(x, axes):
+            dx = per_platform(scatter, compare, dx, minus_a, labels)
+        else:
+            dx = compare(dx, minus_a, labels)
+    return like(dx.astype(x.dtype), x)
+
+
+def _masked_dense(res: _CERes, dtype):
+    y = res.dense.astype(dtype)
+    return y if res.cmask is None else jnp.where(res.cmask, y, 0.0)
+
+
+def _kept(res: _CERes, v):
+    """``v`` with excluded entries and rows set to 0. They hold -inf or NaN
+    factors: selecting them away before any product keeps the derivative of
+    this rule (whose cotangents multiply these factors) finite."""
+    if res.rowscale is not None:
+        v = jnp.where(res.rowscale != 0, v, 0.0)
+    return v if res.cmask is None else jnp.where(res.cmask, v, 0.0)
+
+
+def _ce_dlabels(opts, res: _CERes, xf, coef):
+    """d / d dense = ``-coef (1 - eps) log_softmax(x)``."""
+    y = _masked_dense(res, xf.dtype)
+    d = (
+        coef
+        * (1 - opts.label_smoothing)
+        * _kept(res, dweight(y, res.ls - (xf - res.m)))
+    )
+    return like(d.astype(res.dense.dtype), res.dense)
+
+
+def _ce_dweights(opts, res: _CERes, xf, coef):
+    """d / d weights: ``(1 - eps) (lse - x[y])`` per row, scattered to its
+    label's class, plus ``b (lse - x_c)`` summed over rows with smoothing."""
+    axes, name = opts.axes, opts.axis_name
+    n_local = _num_local(res.x.shape, axes)
+    w = res.weights.astype(xf.dtype)
+    local, held = _local_labels(res.labels, n_local, name)
+    w_y = _take(w, local)
+    gap = dweight(jnp.expand_dims(w_y, axes), res.ls - res.xy)
+    if res.rowscale is not None:
+        gap = jnp.where(res.rowscale != 0, gap, 0.0)
+    per_row = coef * (1 - opts.label_smoothing) * gap
+    # Out-of-shard (or out-of-range) labels scatter nowhere.
+    local = jnp.where(held, local, n_local)
+    # Under explicit sharding the per-row terms live on batch shards: their
+    # [C] sum is formed replicated (an all-reduce of C values).
+    d = (
+        jnp.zeros(n_local, xf.dtype)
+        .at[local]
+        .add(
+            jnp.squeeze(per_row, axes),
+            mode="drop",
+            out_sharding=replicated(per_row, local),
+        )
+    )
+    if res.b is not None:
+        wk = _per_class(opts, w, res.x.shape)
+        term = coef * res.b * _kept(res, dweight(wk, res.ls - (xf - res.m)))
+        rows = tuple(i for i in range(res.x.ndim) if i not in axes)
+        d = d + _flat_classes(opts, jnp.sum(term, axis=rows))
+    return like(d.astype(res.weights.dtype), res.weights)
 
 
 _softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
 
 
-def _options(fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name):
-    check_reduction(fn, reduction)
-    if axis_name is not None and len(axes) != 1:
-        raise ValueError(
-            f"{fn}: vocab-parallel `axis_name` needs a single class `axis`; got "
-            f"axes {axes}."
-        )
-    return _Opts(
-        axes,
-        check_fraction(fn, "label_smoothing", label_smoothing),
-        check_nonnegative(fn, "z_loss", z_loss),
-        ignore_index,
-        axis_name,
-    )
+def _softmax_ce_plain(opts, x, dense, labels, weights, cmask):
+    """The same loss in plain JAX, with the explicit (smoothed, weighted)
+    target ``Y`` built as an array."""
+    axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
+    xf = upcast(x, cmask)
+    dtype = xf.dtype
+    admissible = jnp.ones(x.shape, dtype)
+    if cmask is not None:
+        admissible = jnp.broadcast_to(cmask, x.shape).astype(dtype)
+    count = plain_sum(admissible, axes, name)
+    u = admissible
+    y = jnp.zeros((), dtype)
+    if dense is not None:
+        y = (1 - eps) * dense.astype(dtype) * admissible
+    valid = None
+    if labels is not None:
+        onehot = _class_ids(opts, x.shape, labels.dtype) == _labels_k(opts, labels)
+        onehot = onehot.astype(dtype)
+        if weights is not None:
+            u = u * _per_class(opts, weights.astype(dtype), x.shape)
+        y = (1 - eps) * plain_sum(onehot * u, axes, name) * onehot
+        n_classes = _num_classes(_num_local(x.shape, axes), name)
+        valid = (_labels_k(opts, labels) >= 0) & (_labels_k(opts, labels) < n_classes)
+    y = y + eps * u / jnp.maximum(count, 1)
+    m, ls = plain_normalizer(xf, axes, cmask, name)
+    xm = xf - m
+    # 0 * log 0 = 0: a zero target at a -inf logit adds nothing.
+    xm = jnp.where((y == 0) & jnp.isinf(xm), 0.0, xm)
+    loss = plain_sum(y, axes, name) * ls - plain_sum(y * xm, axes, name)
+    loss = loss + opts.z_loss * (m + ls) ** 2
+    keep = jnp.ones(ls.shape, bool) if cmask is None else count > 0
+    if labels is not None and opts.ignore_index is not None:
+        keep = keep & (_labels_k(opts, labels) != opts.ignore_index)
+    if valid is not None:
+        loss = jnp.where(valid, loss, jnp.nan)
+    return jnp.squeeze(jnp.where(keep, loss, 0.0), axes)
 
 
-def _batch_shape(shape, axes):
-    return tuple(d for i, d in enumerate(shape) if i not in axes)
+def _labels_k(opts: _Opts, labels):
+    """Integer labels as keepdims rows of the logits."""
+    return jnp.expand_dims(labels, opts.axes)
 
 
+_SOFTMAX_CE = Rule(_softmax_ce, _softmax_ce_plain, diff=(1, 2, 4))
+
+
+@loss("logits", "probs")
 def softmax_cross_entropy(
+    impl,
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: Axis = -1,
     where: ArrayLike | None = None,
+    *,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: str = "none",
@@ -415,29 +522,25 @@ def softmax_cross_entropy(
     """
     fn = "softmax_cross_entropy"
     x = as_float(fn, "logits", logits)
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.floating):
-        raise TypeError(
-            f"{fn}: `labels` must be floating-point probabilities; got "
-            f"{describe(labels)}. For class indices use "
-            "softmax_cross_entropy_with_integer_labels."
-        )
-    labels = jnp.asarray(labels)
+    labels = as_probs(fn, "labels", labels)
     check_same_shape(fn, "labels", labels, "logits", x)
     axes = canonical_axes(fn, axis, x.ndim)
-    opts = _options(fn, axes, label_smoothing, z_loss, reduction, None, axis_name)
+    opts = _options(fn, axes, axes, label_smoothing, z_loss, reduction, None, axis_name)
     cmask = loss_mask(fn, where, x.shape, axes)
-    x, labels = align_vma((x, labels), (cmask,))
-    loss = _softmax_ce(opts, x, labels, None, None, cmask)
-    count = kept_count(cmask, axes, loss.shape, axis_name)
+    loss = impl(_SOFTMAX_CE)(opts, x, labels, None, None, cmask)
+    keep = None if cmask is None else has_class(cmask, axes, axis_name)
+    count = None if keep is None else count_rows(jnp.squeeze(keep, axes), loss.shape)
     return reduce_loss(loss, reduction, count).astype(x.dtype)
 
 
+@loss("logits", "class_ids")
 def softmax_cross_entropy_with_integer_labels(
+    impl,
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: Axis = -1,
     where: ArrayLike | None = None,
+    *,
     weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
@@ -459,7 +562,8 @@ def softmax_cross_entropy_with_integer_labels(
     Args:
       logits: floating array ``[..., C, ...]``.
       labels: integer class ids, the logits' shape without ``axis``.
-      axis: class axis (or axes: labels are then flat indices over them).
+      axis: class axis (or axes: labels are then flat indices over them, the
+        axes flattened in the order given, as in optax).
       where: boolean mask of the batch shape (examples to count) or, as in
         optax, of the logits' shape (classes to include).
       weights: per-class weights ``[C]``.
@@ -490,16 +594,17 @@ def softmax_cross_entropy_with_integer_labels(
     fn = "softmax_cross_entropy_with_integer_labels"
     x = as_float(fn, "logits", logits)
     labels = as_int(fn, "labels", labels)
-    axes = canonical_axes(fn, axis, x.ndim)
-    batch_shape = _batch_shape(x.shape, axes)
-    if labels.shape != batch_shape:
+    order = canonical_axes(fn, axis, x.ndim, ordered=True)
+    axes = tuple(sorted(order))
+    rows = batch_shape(x.shape, axes)
+    if labels.shape != rows:
         raise ValueError(
             f"{fn}: `labels` must have the logits' shape without the class axis "
-            f"{batch_shape}; got {describe(labels)}."
+            f"{rows}; got {describe(labels)}."
         )
     ignore_index = check_index(fn, "ignore_index", ignore_index)
     opts = _options(
-        fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name
+        fn, axes, order, label_smoothing, z_loss, reduction, ignore_index, axis_name
     )
     n_local = _num_local(x.shape, axes)
     if weights is not None:
@@ -512,23 +617,38 @@ def softmax_cross_entropy_with_integer_labels(
     cmask = loss_mask(fn, where, x.shape, axes)
     # Under explicit sharding the labels are laid out like the logits' batch
     # axes, so that per-example terms line up (a local slice if replicated).
-    labels = reshard(labels, _batch_shape(spec(x), axes), x)
-    x, weights = align_vma((x, weights), (labels, cmask))
-    loss = _softmax_ce(opts, x, None, labels, weights, cmask)
+    labels = reshard(labels, batch_shape(spec(x), axes), x)
+    loss = impl(_SOFTMAX_CE)(opts, x, None, labels, weights, cmask)
     count = None
     if reduction == "mean":
         keep = _kept_rows(opts, labels, cmask)
+        keep = None if keep is None else jnp.squeeze(keep, axes)
         if weights is not None:
             w = _target_weight(weights.astype(loss.dtype), labels, n_local, axis_name)
-            count = jnp.sum(
-                w if keep is None else jnp.where(jnp.squeeze(keep, axes), w, 0)
-            )
-        elif keep is not None:
-            count = jnp.sum(jnp.broadcast_to(jnp.squeeze(keep, axes), batch_shape))
+            count = jnp.sum(w if keep is None else jnp.where(keep, w, 0))
+        else:
+            count = count_rows(keep, rows)
     return reduce_loss(loss, reduction, count).astype(x.dtype)
 
 
+def _options(
+    fn, axes, order, label_smoothing, z_loss, reduction, ignore_index, axis_name
+):
+    check_reduction(fn, reduction)
+    check_axis_name(fn, axis_name, axes)
+    return _Opts(
+        axes,
+        order,
+        check_fraction(fn, "label_smoothing", label_smoothing),
+        check_nonnegative(fn, "z_loss", z_loss),
+        ignore_index,
+        axis_name,
+    )
+
+
+@loss("logits", "binary")
 def sigmoid_binary_cross_entropy(
+    impl,
     logits: ArrayLike,
     labels: ArrayLike,
     *,
@@ -574,14 +694,8 @@ def sigmoid_binary_cross_entropy(
         labels = labels.astype(x.dtype)
     if pos_weight is not None:
         pos_weight = as_float(fn, "pos_weight", pos_weight)
-        try:
-            jnp.broadcast_shapes(pos_weight.shape, x.shape)
-        except ValueError:
-            raise ValueError(
-                f"{fn}: `pos_weight` must broadcast to the logits' shape {x.shape}; "
-                f"got {describe(pos_weight)}."
-            ) from None
-    loss = _sigmoid_bce(x, labels, pos_weight)
+        check_broadcasts(fn, "pos_weight", pos_weight, x.shape)
+    loss = impl(_SIGMOID_BCE)(x, labels, pos_weight)
     return reduce_loss(loss, reduction).astype(x.dtype)
 
 
@@ -640,3 +754,17 @@ def _sigmoid_bce_bwd(res, g):
 
 
 _sigmoid_bce.defvjp(_sigmoid_bce_fwd, _sigmoid_bce_bwd)
+
+
+def _sigmoid_bce_plain(x, y, pos_weight):
+    xf = upcast(x)
+    y = y.astype(xf.dtype)
+    pos = y if pos_weight is None else pos_weight.astype(xf.dtype) * y
+
+    def times(w, v):  # w * v with 0 * inf = 0
+        return w * jnp.where((w == 0) & jnp.isinf(v), 0.0, v)
+
+    return times(pos, jax.nn.softplus(-xf)) + times(1 - y, jax.nn.softplus(xf))
+
+
+_SIGMOID_BCE = Rule(_sigmoid_bce, _sigmoid_bce_plain, diff=(0, 1, 2))

@@ -10,29 +10,28 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._checks import (
+from ._args import (
     Axis,
-    align_vma,
     as_float,
     canonical_axes,
+    check_axis_name,
     check_base,
     check_reduction,
     check_same_shape,
     class_mask,
-    dweight,
-    fusion_barrier,
     loss_mask,
-    mul0,
-    mul0_nonpos,
-    reduce_loss,
-    safe_log,
-    upcast,
 )
+from ._backend import fusion_barrier
+from ._define import Rule, loss
+from ._numerics import dweight, mul0, mul0_nonpos, safe_log, upcast
+from ._reduction import reduce_loss
 from ._softmax import (
     class_sum,
     kept_count,
     max_sumexp,
     normalizer,
+    plain_log_softmax,
+    plain_sum,
     probs,
     shifted,
 )
@@ -56,8 +55,9 @@ def _prepare_pair(fn, names, a, b, axis):
     return a, b, canonical_axes(fn, axis, a.ndim)
 
 
+@loss("probs")
 def entropy(
-    probs: ArrayLike, *, axis: Axis = -1, base: float | None = None
+    impl, probs: ArrayLike, *, axis: Axis = -1, base: float | None = None
 ) -> jax.Array:
     r"""Shannon entropy of probability vectors.
 
@@ -85,7 +85,8 @@ def entropy(
     fn = "entropy"
     p = as_float(fn, "probs", probs)
     axes = canonical_axes(fn, axis, p.ndim)
-    return _in_base(_entropy(p, axes), check_base(fn, base)).astype(p.dtype)
+    base = check_base(fn, base)
+    return _in_base(impl(_ENTROPY)(p, axes), base).astype(p.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -107,8 +108,18 @@ def _entropy_bwd(axes, p, g):
 _entropy.defvjp(_entropy_fwd, _entropy_bwd)
 
 
+def _entropy_plain(p, axes):
+    pf = upcast(p)
+    zero = pf == 0
+    return -jnp.sum(pf * jnp.log(jnp.where(zero, 1.0, pf)), axis=axes)
+
+
+_ENTROPY = Rule(_entropy, _entropy_plain, diff=(0,))
+
+
+@loss("probs", "probs")
 def cross_entropy(
-    p: ArrayLike, q: ArrayLike, *, axis: Axis = -1, base: float | None = None
+    impl, p: ArrayLike, q: ArrayLike, *, axis: Axis = -1, base: float | None = None
 ) -> jax.Array:
     r"""Cross-entropy between probability vectors.
 
@@ -138,7 +149,8 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     p, q, axes = _prepare_pair(fn, ("p", "q"), p, q, axis)
-    return _in_base(_cross_entropy(p, q, axes), check_base(fn, base)).astype(p.dtype)
+    base = check_base(fn, base)
+    return _in_base(impl(_CROSS_ENTROPY)(p, q, axes), base).astype(p.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -163,10 +175,22 @@ def _cross_entropy_bwd(axes, res, g):
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+def _cross_entropy_plain(p, q, axes):
+    pf, qf = upcast(p), upcast(q)
+    # A zero p at a zero q adds 0 and passes no derivative to either.
+    none = (pf == 0) & (qf == 0)
+    log_q = jnp.where(none, 0.0, jnp.log(jnp.where(none, 1.0, qf)))
+    return -jnp.sum(pf * log_q, axis=axes)
+
+
+_CROSS_ENTROPY = Rule(_cross_entropy, _cross_entropy_plain, diff=(0, 1))
+
+
+@loss("log_probs", "probs")
 def kl_divergence(
+    impl,
     log_predictions: ArrayLike,
     targets: ArrayLike,
-    *,
     axis: Axis = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
@@ -199,7 +223,7 @@ def kl_divergence(
         fn, ("log_predictions", "targets"), log_predictions, targets, axis
     )
     mask = class_mask(fn, where, lp.shape)
-    return _kl_divergence(lp, t, mask, axes).astype(lp.dtype)
+    return impl(_KL)(lp, t, mask, axes).astype(lp.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -227,10 +251,24 @@ def _kl_divergence_bwd(axes, res, g):
 _kl_divergence.defvjp(_kl_divergence_fwd, _kl_divergence_bwd)
 
 
+def _kl_divergence_plain(lp, t, mask, axes):
+    lpf, tf = upcast(lp), upcast(t)
+    if mask is not None:
+        lpf, tf = jnp.where(mask, lpf, 0.0), jnp.where(mask, tf, 0.0)
+    zero = tf == 0
+    t_log_t = tf * jnp.log(jnp.where(zero, 1.0, tf))
+    t_log_p = tf * jnp.where(zero & jnp.isinf(lpf), 0.0, lpf)
+    return jnp.sum(t_log_t - t_log_p, axis=axes)
+
+
+_KL = Rule(_kl_divergence, _kl_divergence_plain, diff=(0, 1))
+
+
+@loss("log_probs", "log_probs")
 def kl_divergence_with_log_targets(
+    impl,
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
-    *,
     axis: Axis = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
@@ -263,7 +301,7 @@ def kl_divergence_with_log_targets(
         fn, ("log_predictions", "log_targets"), log_predictions, log_targets, axis
     )
     mask = class_mask(fn, where, lp.shape)
-    return _kl_log_targets(lp, lt, mask, axes).astype(lp.dtype)
+    return impl(_KL_LOG_TARGETS)(lp, lt, mask, axes).astype(lp.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -292,7 +330,23 @@ def _kl_log_targets_bwd(axes, res, g):
 _kl_log_targets.defvjp(_kl_log_targets_fwd, _kl_log_targets_bwd)
 
 
+def _kl_log_targets_plain(lp, lt, mask, axes):
+    lpf, ltf = upcast(lp), upcast(lt)
+    if mask is not None:
+        lpf, ltf = jnp.where(mask, lpf, 0.0), jnp.where(mask, ltf, -jnp.inf)
+    t = jnp.exp(ltf)
+    zero = t == 0
+    terms = t * jnp.where(zero & jnp.isinf(ltf), 0.0, ltf)
+    terms = terms - t * jnp.where(zero & jnp.isinf(lpf), 0.0, lpf)
+    return jnp.sum(terms, axis=axes)
+
+
+_KL_LOG_TARGETS = Rule(_kl_log_targets, _kl_log_targets_plain, diff=(0, 1))
+
+
+@loss("logits")
 def softmax_entropy(
+    impl,
     logits: ArrayLike,
     *,
     axis: Axis = -1,
@@ -330,9 +384,9 @@ def softmax_entropy(
     fn = "softmax_entropy"
     x = as_float(fn, "logits", logits)
     axes = canonical_axes(fn, axis, x.ndim)
+    check_axis_name(fn, axis_name, axes)
     mask = loss_mask(fn, where, x.shape, axes)
-    (x,) = align_vma((x,), (mask,))
-    h = _softmax_entropy(x, mask, axes, axis_name)
+    h = impl(_SOFTMAX_ENTROPY)(x, mask, axes, axis_name)
     return _in_base(h, check_base(fn, base)).astype(x.dtype)
 
 
@@ -367,7 +421,19 @@ def _softmax_entropy_bwd(axes, axis_name, res, g):
 _softmax_entropy.defvjp(_softmax_entropy_fwd, _softmax_entropy_bwd)
 
 
+def _softmax_entropy_plain(x, mask, axes, axis_name):
+    logp = plain_log_softmax(upcast(x, mask), mask, axes, axis_name)
+    p = jnp.exp(logp)
+    p_logp = p * jnp.where((p == 0) & jnp.isinf(logp), 0.0, logp)
+    return -jnp.squeeze(plain_sum(p_logp, axes, axis_name), axes)
+
+
+_SOFTMAX_ENTROPY = Rule(_softmax_entropy, _softmax_entropy_plain, diff=(0,))
+
+
+@loss("logits", "logits")
 def softmax_kl_divergence(
+    impl,
     logits: ArrayLike,
     target_logits: ArrayLike,
     *,
@@ -411,9 +477,9 @@ def softmax_kl_divergence(
         fn, ("logits", "target_logits"), logits, target_logits, axis
     )
     check_reduction(fn, reduction)
+    check_axis_name(fn, axis_name, axes)
     mask = loss_mask(fn, where, x.shape, axes)
-    x, t = align_vma((x, t), (mask,))
-    kl = _softmax_kl(x, t, mask, axes, axis_name)
+    kl = impl(_SOFTMAX_KL)(x, t, mask, axes, axis_name)
     count = kept_count(mask, axes, kl.shape, axis_name)
     return reduce_loss(kl, reduction, count).astype(x.dtype)
 
@@ -468,3 +534,16 @@ def _softmax_kl_bwd(axes, axis_name, res, g):
 
 
 _softmax_kl.defvjp(_softmax_kl_fwd, _softmax_kl_bwd)
+
+
+def _softmax_kl_plain(x, t, mask, axes, axis_name):
+    logp = plain_log_softmax(upcast(x, mask), mask, axes, axis_name)
+    logq = plain_log_softmax(upcast(t, mask), mask, axes, axis_name)
+    q = jnp.exp(logq)
+    none = q == 0
+    terms = q * jnp.where(none & jnp.isinf(logq), 0.0, logq)
+    terms = terms - q * jnp.where(none & jnp.isinf(logp), 0.0, logp)
+    return jnp.squeeze(plain_sum(terms, axes, axis_name), axes)
+
+
+_SOFTMAX_KL = Rule(_softmax_kl, _softmax_kl_plain, diff=(0, 1))

@@ -10,15 +10,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checks import (
-    Axis,
-    align_vma,
-    as_float,
-    canonical_axes,
-    class_mask,
-    fusion_barrier,
-    upcast,
-)
+from ._args import Axis, as_float, canonical_axes, class_mask
+from ._backend import fusion_barrier
+from ._define import Rule, loss
+from ._numerics import upcast
 
 
 def class_sum(
@@ -95,7 +90,36 @@ def probs(x: jax.Array, m: jax.Array, ls: jax.Array) -> jax.Array:
     return jnp.exp((x - m) - ls)
 
 
+# The plain formulas of the reference twins: written directly in jnp, with
+# none of the fusion-shaped helpers above.
+def plain_normalizer(x, axes, mask, axis_name):
+    """Row max (gradient stopped) and ``log sum exp(x - max)`` of ``x`` (in its
+    compute dtype) over the entries ``mask`` admits; ``(0, 0)`` on a row with
+    no admissible class."""
+    m = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
+    if axis_name is not None:
+        m = lax.pmax(m, axis_name)
+    m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0.0, m))
+    s = plain_sum(jnp.exp(x - m), axes, axis_name, where=mask)
+    return m, jnp.log(jnp.where(s == 0, 1.0, s))
+
+
+def plain_sum(v, axes, axis_name, where=None):
+    """Class sum (keepdims) over the admitted entries, across shards."""
+    s = jnp.sum(v, axis=axes, keepdims=True, where=where)
+    return s if axis_name is None else lax.psum(s, axis_name)
+
+
+def plain_log_softmax(x, mask, axes, axis_name):
+    """``x - logsumexp(x)``, -inf where ``mask`` excludes."""
+    m, ls = plain_normalizer(x, axes, mask, axis_name)
+    out = (x - m) - ls
+    return out if mask is None else jnp.where(mask, out, -jnp.inf)
+
+
+@loss("logits")
 def log_softmax(
+    impl,
     logits: ArrayLike,
     axis: Axis = -1,
     where: ArrayLike | None = None,
@@ -133,8 +157,7 @@ def log_softmax(
     x = as_float(fn, "logits", logits)
     axes = canonical_axes(fn, axis, x.ndim)
     mask = class_mask(fn, where, x.shape)
-    (x,) = align_vma((x,), (mask,))
-    return _log_softmax(x, mask, axes, axis_name)
+    return impl(_LOG_SOFTMAX)(x, mask, axes, axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -167,7 +190,16 @@ def _log_softmax_bwd(axes, axis_name, res, g):
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 
 
+def _log_softmax_plain(x, mask, axes, axis_name):
+    return plain_log_softmax(upcast(x, mask), mask, axes, axis_name).astype(x.dtype)
+
+
+_LOG_SOFTMAX = Rule(_log_softmax, _log_softmax_plain, diff=(0,))
+
+
+@loss("logits")
 def softmax(
+    impl,
     logits: ArrayLike,
     axis: Axis = -1,
     where: ArrayLike | None = None,
@@ -203,8 +235,7 @@ def softmax(
     x = as_float(fn, "logits", logits)
     axes = canonical_axes(fn, axis, x.ndim)
     mask = class_mask(fn, where, x.shape)
-    (x,) = align_vma((x,), (mask,))
-    return _softmax(x, mask, axes, axis_name)
+    return impl(_SOFTMAX)(x, mask, axes, axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -227,3 +258,11 @@ def _softmax_bwd(axes, axis_name, res, g):
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def _softmax_plain(x, mask, axes, axis_name):
+    logp = plain_log_softmax(upcast(x, mask), mask, axes, axis_name)
+    return jnp.exp(logp).astype(x.dtype)
+
+
+_SOFTMAX = Rule(_softmax, _softmax_plain, diff=(0,))

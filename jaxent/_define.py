@@ -1,0 +1,160 @@
+"""One definition per loss: the public function and its plain-JAX twin.
+
+A loss is declared once, as a *front*: a function whose first parameter is an
+``impl`` and whose other parameters are the public signature. The front does
+all argument handling (checks, axes, masks, dtypes) and calls its differentiable
+core through ``impl(rule)``. :func:`loss` turns the front into the public
+function, where ``impl(rule)`` is the rule's ``custom_vjp``, and registers its
+:mod:`jaxent.reference` twin, where ``impl(rule)`` is the rule's plain formula.
+The two share every check, error and reduction by construction and differ only
+in how the gradient is obtained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+from collections.abc import Callable
+
+from ._sharding import align_vma
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A differentiable core written twice, with one call signature.
+
+    Attributes:
+      custom: the ``jax.custom_vjp`` function (analytic backward).
+      plain: the same formula in plain JAX (autodiff, forward mode).
+      diff: positions of the arguments that receive cotangents. Before either
+        is called, these are aligned inside ``shard_map`` to vary over every
+        mesh axis any array argument varies over (see
+        :func:`jaxent._sharding.align_vma`), so no loss can skip that step.
+      exclude: position of a static argument naming mesh axes to leave out of
+        that alignment (an axis the backward sums over itself), or None.
+    """
+
+    custom: Callable
+    plain: Callable
+    diff: tuple[int, ...]
+    exclude: int | None = None
+
+    def call(self, fn: Callable, args: tuple):
+        arrays = [i for i, a in enumerate(args) if hasattr(a, "shape")]
+        diff = [i for i in self.diff if args[i] is not None]
+        others = tuple(args[i] for i in arrays if i not in diff)
+        exclude = frozenset()
+        if self.exclude is not None and args[self.exclude] is not None:
+            name = args[self.exclude]
+            exclude = frozenset(name if isinstance(name, tuple) else (name,))
+        aligned = align_vma(tuple(args[i] for i in diff), others, exclude)
+        args = list(args)
+        for i, a in zip(diff, aligned, strict=True):
+            args[i] = a
+        return fn(*args)
+
+
+class Impl:
+    """Which half of every :class:`Rule` a front calls."""
+
+    def __init__(self, plain: bool):
+        self.plain = plain
+
+    def __call__(self, rule: Rule) -> Callable:
+        fn = rule.plain if self.plain else rule.custom
+        return functools.partial(_call, rule, fn)
+
+    def __repr__(self):
+        return "PLAIN" if self.plain else "CUSTOM"
+
+
+def _call(rule: Rule, fn: Callable, *args):
+    return rule.call(fn, args)
+
+
+CUSTOM = Impl(plain=False)
+PLAIN = Impl(plain=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """A registered loss: its name, input kinds, public function and twin.
+
+    ``inputs`` names the kind of each positional array argument, for tests and
+    benchmarks that draw inputs for every loss: ``"logits"``, ``"probs"``,
+    ``"log_probs"``, ``"class_ids"``, ``"binary"`` (labels in [0, 1] of the
+    logits' shape), ``"hidden"``, ``"weight"``.
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    public: Callable
+    reference: Callable
+
+    @property
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        return dict(inspect.signature(self.public).parameters)
+
+
+REGISTRY: dict[str, Definition] = {}
+
+
+def _bind(front: Callable, impl: Impl) -> Callable:
+    """``front`` with ``impl`` bound, as a function of ``front``'s module (so
+    doctest and Sphinx find it there) with the signature less ``impl``."""
+
+    def call(*args, **kwargs):
+        return front(impl, *args, **kwargs)
+
+    fn = types.FunctionType(
+        call.__code__, front.__globals__, front.__name__, None, call.__closure__
+    )
+    functools.update_wrapper(fn, front)
+    del fn.__wrapped__
+    sig = inspect.signature(front)
+    fn.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return fn
+
+
+def loss(*inputs: str) -> Callable[[Callable], Callable]:
+    """Declares a front as a loss: returns its public function and registers
+    its :mod:`jaxent.reference` twin. ``inputs`` are the kinds of its positional
+    array arguments (see :class:`Definition`)."""
+
+    def register(front: Callable) -> Callable:
+        public = _bind(front, CUSTOM)
+        twin = _bind(front, PLAIN)
+        name = front.__name__
+        twin.__module__ = "jaxent.reference"
+        twin.__qualname__ = name
+        twin.__doc__ = (
+            f"Plain-JAX twin of :func:`jaxent.{name}`: same arguments, checks, "
+            "errors and values, differentiated by JAX's autodiff (forward mode "
+            "included)."
+        )
+        REGISTRY[name] = Definition(name, tuple(inputs), public, twin)
+        return public
+
+    return register
+
+
+def alias(name: str, target: Callable, note: str) -> Callable:
+    """Registers ``name`` as another name of the loss ``target`` (optax keeps
+    deprecated aliases); returns the public function."""
+    base = REGISTRY[target.__name__]
+    public = functools.wraps(base.public)(
+        lambda *args, **kwargs: base.public(*args, **kwargs)
+    )
+    twin = functools.wraps(base.reference)(
+        lambda *args, **kwargs: base.reference(*args, **kwargs)
+    )
+    for fn in (public, twin):
+        fn.__name__ = fn.__qualname__ = name
+        del fn.__wrapped__
+        fn.__signature__ = inspect.signature(base.public)
+    public.__doc__ = f"Another name of :func:`jaxent.{base.name}`. {note}"
+    twin.__doc__ = f"Another name of :func:`jaxent.reference.{base.name}`."
+    REGISTRY[name] = Definition(name, base.inputs, public, twin)
+    return public
