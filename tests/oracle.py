@@ -1,0 +1,272 @@
+"""Float64 NumPy oracles of every jaxent loss, written here from the formulas
+and sharing no code with the package: the independent reference for values and
+closed-form gradients (``tests/test_properties.py``, ``tests/test_registry.py``).
+
+Adding a loss adds one ``ref_<name>`` function here; ``ORACLES`` collects them
+and ``tests/test_registry.py`` fails for a registered loss without one.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Inputs are in the rows layout [K, R, C] (masks: bool [K, R, C]); cotangents and
+# outputs are [K, R] ("none"), [K] ("sum"/"mean") or [K, R, C] (elementwise). Each
+# returns (value, {argument: gradient}) with the closed-form gradient (a VJP).
+
+
+def _mul0(xp, w, v):
+    """``w * v`` with ``0 * inf = 0`` (0 log 0 = 0)."""
+    return xp.where((w == 0) & xp.isinf(v), 0, w * v)
+
+
+def _dweight(xp, w, v):
+    """Partial ``v`` of ``w * v``, 0 where ``w == 0`` and ``v`` is infinite."""
+    return xp.where((w == 0) & xp.isinf(v), 0, v)
+
+
+def _normalize(xp, x, adm):
+    """Max-shifted logits (-inf at excluded classes), the log of the shifted sum
+    and the max; a row with no admissible class has normalizer 0."""
+    if adm is not None:
+        x = xp.where(adm, x, -xp.inf)
+    m = xp.max(x, axis=-1, keepdims=True)
+    m = xp.where(m == -xp.inf, 0, m)
+    xs = x - m
+    s = xp.sum(xp.exp(xs), axis=-1, keepdims=True)
+    return xs, xp.where(s == 0, 0, xp.log(xp.where(s == 0, 1, s))), m
+
+
+def _reduce(xp, loss, reduction, count=None):
+    """``loss`` [K, R] reduced per case; a mean over nothing is 0."""
+    if reduction == "none":
+        return loss
+    total = xp.sum(loss, axis=1)
+    if reduction == "sum":
+        return total
+    if count is None:
+        count = loss.shape[1]
+    return xp.where(count != 0, total / xp.where(count != 0, count, 1), 0)
+
+
+def _coef(xp, g, reduction, shape, count=None):
+    """The cotangent of each row's loss, ``[K, R, 1]``."""
+    if reduction == "none":
+        return g[..., None]
+    if reduction == "mean":
+        if count is None:
+            count = shape[1]
+        g = xp.where(count != 0, g / xp.where(count != 0, count, 1), 0)
+    return xp.broadcast_to(g[:, None, None], (*shape[:2], 1))
+
+
+def _ones(xp, x, adm):
+    return xp.ones_like(x) if adm is None else adm.astype(x.dtype)
+
+
+def ref_log_softmax(xp, a, o, g):
+    x, adm = a["logits"], a.get("where")
+    xs, ls, _ = _normalize(xp, x, adm)
+    out = xs - ls
+    gm = g if adm is None else xp.where(adm, g, 0)
+    dx = gm - xp.exp(out) * xp.sum(gm, axis=-1, keepdims=True)
+    return out, {"logits": dx}
+
+
+def ref_softmax(xp, a, o, g):
+    xs, ls, _ = _normalize(xp, a["logits"], a.get("where"))
+    p = xp.exp(xs - ls)
+    return p, {"logits": p * (g - xp.sum(g * p, axis=-1, keepdims=True))}
+
+
+def ref_softmax_cross_entropy(xp, a, o, g):
+    x, y, adm = a["logits"], a["labels"], a.get("where")
+    eps, z = o.get("label_smoothing", 0.0), o.get("z_loss", 0.0)
+    xs, ls, m = _normalize(xp, x, adm)
+    ones = _ones(xp, x, adm)
+    y = xp.where(ones > 0, y, 0)
+    cnt = xp.sum(ones, axis=-1, keepdims=True)
+    big_y = (1 - eps) * y + eps * ones / xp.maximum(cnt, 1)
+    s = xp.sum(big_y, axis=-1, keepdims=True)
+    lse = m + ls
+    loss = s * ls - xp.sum(_mul0(xp, big_y, xs), axis=-1, keepdims=True)
+    loss = loss + z * lse**2
+    kept = cnt > 0
+    count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
+    value = _reduce(xp, xp.where(kept, loss, 0)[..., 0], o["reduction"], count)
+    coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0)
+    dx = coef * (xp.exp(xs - ls) * (s + 2 * z * lse) - big_y)
+    dy = coef * (1 - eps) * xp.where(ones > 0, _dweight(xp, y, ls - xs), 0)
+    return value, {"logits": dx, "labels": dy}
+
+
+def ref_softmax_cross_entropy_with_integer_labels(xp, a, o, g):
+    x, labels, adm = a["logits"], a["labels"], a.get("where")
+    eps, z = o.get("label_smoothing", 0.0), o.get("z_loss", 0.0)
+    c = x.shape[-1]
+    xs, ls, m = _normalize(xp, x, adm)
+    ones = _ones(xp, x, adm)
+    onehot = labels[..., None] == xp.arange(c, dtype=labels.dtype)
+    w = a["weights"][:, None, :] if "weights" in a else xp.ones_like(x[:, :1])
+    w_y = xp.sum(xp.where(onehot, w, 0), axis=-1, keepdims=True)
+    x_y = xp.sum(xp.where(onehot, xs, 0), axis=-1, keepdims=True)
+    cnt = xp.sum(ones, axis=-1, keepdims=True)
+    b = eps / xp.maximum(cnt, 1)
+    u = w * ones
+    s = (1 - eps) * w_y + b * xp.sum(u, axis=-1, keepdims=True)
+    lin = _mul0(xp, (1 - eps) * w_y, x_y)
+    lin = lin + xp.sum(_mul0(xp, b * u, xs), axis=-1, keepdims=True)
+    lse = m + ls
+    loss = s * ls - lin + z * lse**2
+    valid = ((labels >= 0) & (labels < c))[..., None]
+    counted = cnt > 0
+    if o.get("ignore_index") is not None:
+        counted = counted & (labels != o["ignore_index"])[..., None]
+    loss = xp.where(counted, xp.where(valid, loss, xp.nan), 0)[..., 0]
+    count = xp.sum(xp.where(counted, w_y, 0)[..., 0], axis=1)
+    value = _reduce(xp, loss, o["reduction"], count)
+    coef = _coef(xp, g, o["reduction"], x.shape, count)
+    coef = xp.where(counted, xp.where(valid, coef, xp.nan), 0)
+    big_y = xp.where(onehot, (1 - eps) * w_y, 0) + b * u
+    grads = {"logits": coef * (xp.exp(xs - ls) * (s + 2 * z * lse) - big_y)}
+    if "weights" in a:
+        dw = (1 - eps) * xp.where(onehot, _dweight(xp, w_y, ls - x_y), 0)
+        smooth = _mul0(xp, b * ones, _dweight(xp, w, ls - xs))
+        dw = dw + xp.where(ones > 0, smooth, 0)
+        grads["weights"] = xp.sum(xp.where(counted, coef * dw, 0), axis=1)
+        if o["reduction"] == "mean":
+            # The weights are also in the mean's denominator.
+            nz = count != 0
+            scale = xp.where(
+                nz, g * xp.sum(loss, axis=1) / xp.where(nz, count, 1) ** 2, 0
+            )
+            hits = xp.sum((counted & onehot).astype(x.dtype), axis=1)
+            grads["weights"] = grads["weights"] - scale[:, None] * hits
+    return value, grads
+
+
+def ref_linear_softmax_cross_entropy(xp, a, o, g):
+    """Materialized logits ``h W + b`` through the integer-label reference."""
+    h, w = a["hidden"], a["weight"]
+    x = xp.matmul(h, w)
+    if "bias" in a:
+        x = x + a["bias"][:, None, :]
+    inner = {"logits": x, "labels": a["labels"]}
+    if "where" in a:
+        inner["where"] = a["where"]
+    value, grads = ref_softmax_cross_entropy_with_integer_labels(xp, inner, o, g)
+    dx = grads["logits"]
+    out = {
+        "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
+        "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
+    }
+    if "bias" in a:
+        out["bias"] = xp.sum(dx, axis=1)
+    return value, out
+
+
+def _softplus(xp, v):
+    return xp.logaddexp(xp.zeros_like(v), v)
+
+
+def ref_sigmoid_binary_cross_entropy(xp, a, o, g):
+    x, y = a["logits"], a["labels"]
+    pw = a.get("pos_weight")
+    sp_neg, sp_pos = _softplus(xp, -x), _softplus(xp, x)
+    pos = y if pw is None else pw * y
+    loss = (_mul0(xp, pos, sp_neg) + _mul0(xp, 1 - y, sp_pos))[..., 0]
+    value = _reduce(xp, loss, o["reduction"])
+    coef = _coef(xp, g[..., 0] if g.ndim == 3 else g, o["reduction"], x.shape)
+    sig_pos, sig_neg = xp.exp(-sp_neg), xp.exp(-sp_pos)
+    d_pos = _dweight(xp, pos, sp_neg)
+    grads = {
+        "logits": coef * ((1 - y) * sig_pos - pos * sig_neg),
+        "labels": coef
+        * (
+            (d_pos if pw is None else _mul0(xp, pw, d_pos))
+            - _dweight(xp, 1 - y, sp_pos)
+        ),
+    }
+    if pw is not None:
+        grads["pos_weight"] = coef * _dweight(xp, pw, _mul0(xp, y, sp_neg))
+    return (value[..., None] if o["reduction"] == "none" else value), grads
+
+
+def _base(o):
+    return 1.0 if o.get("base") is None else math.log(o["base"])
+
+
+def ref_entropy(xp, a, o, g):
+    p = a["probs"]
+    h = -xp.sum(_mul0(xp, p, xp.log(p)), axis=-1) / _base(o)
+    dp = -g[..., None] * xp.where(p == 0, 0, xp.log(p) + 1) / _base(o)
+    return h, {"probs": dp}
+
+
+def ref_cross_entropy(xp, a, o, g):
+    p, q = a["p"], a["q"]
+    h = -xp.sum(_mul0(xp, p, xp.log(q)), axis=-1) / _base(o)
+    gb = g[..., None] / _base(o)
+    dp = -gb * _dweight(xp, p, xp.log(q))
+    dq = -gb * xp.where(p == 0, 0, p / xp.where(p == 0, 1, q))
+    return h, {"p": dp, "q": dq}
+
+
+def ref_kl_divergence(xp, a, o, g):
+    lp, t, adm = a["log_predictions"], a["targets"], a.get("where")
+    terms = _mul0(xp, t, xp.log(t)) - _mul0(xp, t, lp)
+    keep = xp.ones_like(t, dtype=bool) if adm is None else adm
+    kl = xp.sum(xp.where(keep, terms, 0), axis=-1)
+    dt = xp.where(t == 0, 0, xp.log(t) + 1) - _dweight(xp, t, lp)
+    return kl, {
+        "log_predictions": xp.where(keep, -g[..., None] * t, 0),
+        "targets": xp.where(keep, g[..., None] * dt, 0),
+    }
+
+
+def ref_kl_divergence_with_log_targets(xp, a, o, g):
+    lp, lt, adm = a["log_predictions"], a["log_targets"], a.get("where")
+    t = xp.exp(lt)
+    terms = _mul0(xp, t, lt) - _mul0(xp, t, lp)
+    keep = xp.ones_like(t, dtype=bool) if adm is None else adm
+    kl = xp.sum(xp.where(keep, terms, 0), axis=-1)
+    dlt = _mul0(xp, t, lt + 1) - _mul0(xp, t, lp)
+    return kl, {
+        "log_predictions": xp.where(keep, -g[..., None] * t, 0),
+        "log_targets": xp.where(keep, g[..., None] * dlt, 0),
+    }
+
+
+def ref_softmax_entropy(xp, a, o, g):
+    xs, ls, _ = _normalize(xp, a["logits"], a.get("where"))
+    logp = xs - ls
+    p = xp.exp(logp)
+    h = -xp.sum(_mul0(xp, p, logp), axis=-1, keepdims=True)
+    dx = -g[..., None] * _mul0(xp, p, logp + h) / _base(o)
+    return h[..., 0] / _base(o), {"logits": dx}
+
+
+def ref_softmax_kl_divergence(xp, a, o, g):
+    x, t, adm = a["logits"], a["target_logits"], a.get("where")
+    xs, lsx, _ = _normalize(xp, x, adm)
+    ts, lst, _ = _normalize(xp, t, adm)
+    logp, logq = xs - lsx, ts - lst
+    q = xp.exp(logq)
+    terms = _mul0(xp, q, logq) - _mul0(xp, q, logp)
+    kl = xp.sum(terms, axis=-1, keepdims=True)
+    kept = xp.sum(_ones(xp, x, adm), axis=-1, keepdims=True) > 0
+    count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
+    value = _reduce(xp, xp.where(kept, kl, 0)[..., 0], o["reduction"], count)
+    coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0)
+    mass = xp.sum(q, axis=-1, keepdims=True)
+    return value, {
+        "logits": coef * (xp.exp(logp) * mass - q),
+        "target_logits": coef * (terms - q * kl),
+    }
+
+
+ORACLES = {
+    name[len("ref_") :]: fn
+    for name, fn in dict(globals()).items()
+    if name.startswith("ref_")
+}
