@@ -8,9 +8,10 @@ embeddings, pre-norm causal self-attention + MLP blocks) whose output head is
 never materialized during training, the loss streams over vocabulary blocks.
 Training uses optax AdamW with a warm-up + cosine schedule and gradient clipping.
 
-It prints a plain-text progress bar with the loss and perplexity of every step,
-the validation perplexity, then a sample of generated text, and saves the loss
-curve as a PNG.
+It shows a progress bar with the loss and perplexity of the latest step (on a
+terminal only) and prints them as a line every tenth of the run, then the
+validation perplexity and a sample of generated text, and saves the loss curve
+as a PNG.
 
 Usage::
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import jaxent
 
@@ -163,15 +165,6 @@ def generate(params, prompt: bytes, length, key, cfg, temperature=0.8):
     return bytes(out).decode("utf-8", errors="replace")
 
 
-def progress(step, total, loss, width=30):
-    """One plain-text progress line, rewritten in place."""
-    done = width * step // total
-    bar = "#" * done + "." * (width - done)
-    line = f"\rstep {step:4d}/{total} [{bar}] loss {loss:.3f} ppl {math.exp(loss):7.2f}"
-    sys.stdout.write(line)
-    sys.stdout.flush()
-
-
 def save_curve(path, losses, val_step, val_loss):
     # Headless backend, chosen before pyplot is imported: CI has no display.
     matplotlib.use("Agg")
@@ -233,12 +226,23 @@ def main(argv=None):
 
     rng = np.random.default_rng(args.seed)
     losses = []
-    for i in range(1, cfg["steps"] + 1):
-        batch = sample_batch(rng, train, args.batch_size, cfg["context"])
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(float(loss))
-        progress(i, cfg["steps"], losses[-1])
-    print()
+    log_every = max(1, cfg["steps"] // 10)
+    # disable=None: no bar where stderr is not a terminal (logs, CI), where
+    # the lines below are the record of the run.
+    with tqdm(total=cfg["steps"], desc="train", unit="step", disable=None) as progress:
+        for i in range(1, cfg["steps"] + 1):
+            batch = sample_batch(rng, train, args.batch_size, cfg["context"])
+            params, opt_state, loss = step(params, opt_state, batch)
+            losses.append(float(loss))
+            ppl = math.exp(losses[-1])
+            progress.set_postfix(
+                loss=f"{losses[-1]:.3f}", ppl=f"{ppl:.2f}", refresh=False
+            )
+            progress.update()
+            if i % log_every == 0 or i == cfg["steps"]:
+                tqdm.write(
+                    f"step {i:4d}/{cfg['steps']}  loss {losses[-1]:.3f}  ppl {ppl:7.2f}"
+                )
 
     val_batches = [
         sample_batch(rng, val, args.batch_size, cfg["context"]) for _ in range(8)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 import jaxent
 
@@ -149,24 +150,28 @@ def main(argv=None):
     n_batches = n // args.batch_size  # drop the ragged tail: one compiled shape
     train_losses, test_losses = [], []
     log_every = max(1, epochs // 10)
-    for epoch in range(1, epochs + 1):
-        shuffle_key, perm_key = jax.random.split(shuffle_key)
-        perm = np.asarray(jax.random.permutation(perm_key, n))
-        batch_losses = []
-        for b in range(n_batches):
-            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            params, opt_state, loss = step(
-                params, opt_state, x_train[idx], y_train[idx]
-            )
-            batch_losses.append(loss)
-        train_losses.append(float(jnp.mean(jnp.stack(batch_losses))))
-        test_losses.append(float(test_loss(params, x_test_j, y_test_j)))
-        if epoch % log_every == 0 or epoch == epochs:
-            train_acc = float(accuracy(params, x_train, y_train))
-            print(
-                f"epoch {epoch:3d}  loss {train_losses[-1]:.4f}  "
-                f"train acc {train_acc:.4f}  test loss {test_losses[-1]:.4f}"
-            )
+    # disable=None: no bar where stderr is not a terminal (logs, CI).
+    with tqdm(total=epochs, desc="train", unit="epoch", disable=None) as progress:
+        for epoch in range(1, epochs + 1):
+            shuffle_key, perm_key = jax.random.split(shuffle_key)
+            perm = np.asarray(jax.random.permutation(perm_key, n))
+            batch_losses = []
+            for b in range(n_batches):
+                idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+                params, opt_state, loss = step(
+                    params, opt_state, x_train[idx], y_train[idx]
+                )
+                batch_losses.append(loss)
+            train_losses.append(float(jnp.mean(jnp.stack(batch_losses))))
+            test_losses.append(float(test_loss(params, x_test_j, y_test_j)))
+            progress.set_postfix(loss=f"{train_losses[-1]:.4f}", refresh=False)
+            progress.update()
+            if epoch % log_every == 0 or epoch == epochs:
+                train_acc = float(accuracy(params, x_train, y_train))
+                tqdm.write(
+                    f"epoch {epoch:3d}  loss {train_losses[-1]:.4f}  "
+                    f"train acc {train_acc:.4f}  test loss {test_losses[-1]:.4f}"
+                )
 
     test_acc = float(accuracy(params, x_test_j, y_test_j))
     save_curve(args.out, train_losses, test_losses)

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 from train_char_lm import (
     BLOCK_SIZE,
     QUICK,
@@ -154,10 +155,13 @@ def collectives(step, *args):
 
 def run(name, step, params, opt_state, batches, context):
     losses = []
-    with context:
-        for batch in batches:
+    # disable=None: no bar where stderr is not a terminal (logs, CI).
+    progress = tqdm(batches, desc=f"{name:>10}", unit="step", disable=None)
+    with context, progress:
+        for batch in progress:
             params, opt_state, loss = step(params, opt_state, batch)
             losses.append(float(loss))
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     return name, losses
 
 
