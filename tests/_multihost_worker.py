@@ -107,7 +107,8 @@ def diagonal_mesh():
 
 
 def vocab_parallel(data):
-    """Case 1: the README's shard_map example, weight split over "model"."""
+    """Case 1: the shard_map example of docs/scaling.md, weight split over
+    "model"."""
     mesh = diagonal_mesh()
 
     def per_shard(h, w, y):  # w: [D, C / 2], this shard's classes
