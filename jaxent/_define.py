@@ -85,13 +85,16 @@ class Definition:
     ``inputs`` names the kind of each positional array argument, for tests and
     benchmarks that draw inputs for every loss: ``"logits"``, ``"probs"``,
     ``"log_probs"``, ``"class_ids"``, ``"binary"`` (labels in [0, 1] of the
-    logits' shape), ``"hidden"``, ``"weight"``.
+    logits' shape), ``"hidden"``, ``"weight"``. ``where`` says which masks the
+    ``where`` argument takes: ``"both"`` (a class mask of the logits' shape or
+    an example mask of the batch shape), ``"classes"`` or ``"rows"``.
     """
 
     name: str
     inputs: tuple[str, ...]
     public: Callable
     reference: Callable
+    where: str = "both"
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -118,10 +121,10 @@ def _bind(front: Callable, impl: Impl) -> Callable:
     return fn
 
 
-def loss(*inputs: str) -> Callable[[Callable], Callable]:
+def loss(*inputs: str, where: str = "both") -> Callable[[Callable], Callable]:
     """Declares a front as a loss: returns its public function and registers
     its :mod:`jaxent.reference` twin. ``inputs`` are the kinds of its positional
-    array arguments (see :class:`Definition`)."""
+    array arguments and ``where`` the masks it takes (see :class:`Definition`)."""
 
     def register(front: Callable) -> Callable:
         public = _bind(front, CUSTOM)
@@ -134,7 +137,7 @@ def loss(*inputs: str) -> Callable[[Callable], Callable]:
             "errors and values, differentiated by JAX's autodiff (forward mode "
             "included)."
         )
-        REGISTRY[name] = Definition(name, tuple(inputs), public, twin)
+        REGISTRY[name] = Definition(name, tuple(inputs), public, twin, where)
         return public
 
     return register
@@ -156,5 +159,5 @@ def alias(name: str, target: Callable, note: str) -> Callable:
         fn.__signature__ = inspect.signature(base.public)
     public.__doc__ = f"Another name of :func:`jaxent.{base.name}`. {note}"
     twin.__doc__ = f"Another name of :func:`jaxent.reference.{base.name}`."
-    REGISTRY[name] = Definition(name, base.inputs, public, twin)
+    REGISTRY[name] = Definition(name, base.inputs, public, twin, base.where)
     return public

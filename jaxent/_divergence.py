@@ -186,7 +186,7 @@ def _cross_entropy_plain(p, q, axes):
 _CROSS_ENTROPY = Rule(_cross_entropy, _cross_entropy_plain, diff=(0, 1))
 
 
-@loss("log_probs", "probs")
+@loss("log_probs", "probs", where="classes")
 def kl_divergence(
     impl,
     log_predictions: ArrayLike,
@@ -264,7 +264,7 @@ def _kl_divergence_plain(lp, t, mask, axes):
 _KL = Rule(_kl_divergence, _kl_divergence_plain, diff=(0, 1))
 
 
-@loss("log_probs", "log_probs")
+@loss("log_probs", "log_probs", where="classes")
 def kl_divergence_with_log_targets(
     impl,
     log_predictions: ArrayLike,

@@ -117,7 +117,7 @@ def plain_log_softmax(x, mask, axes, axis_name):
     return out if mask is None else jnp.where(mask, out, -jnp.inf)
 
 
-@loss("logits")
+@loss("logits", where="classes")
 def log_softmax(
     impl,
     logits: ArrayLike,
@@ -197,7 +197,7 @@ def _log_softmax_plain(x, mask, axes, axis_name):
 _LOG_SOFTMAX = Rule(_log_softmax, _log_softmax_plain, diff=(0,))
 
 
-@loss("logits")
+@loss("logits", where="classes")
 def softmax(
     impl,
     logits: ArrayLike,
