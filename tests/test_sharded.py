@@ -642,3 +642,64 @@ def test_shard_map_data_and_vocab_parallel_step_matches_one_device():
     jax.tree.map(
         lambda a, b: assert_close(a, b, "float32", kind="grad"), params, ref_params
     )
+
+
+# Every registered loss with two floating-point inputs, inside shard_map on a
+# data axis: one input split by rows, the other split the same way or
+# replicated (the same array for every shard, so its gradient is the sum over
+# the shards). Drawn from the registry, so a new loss is covered by its entry.
+def _two_input_losses():
+    from jaxent._define import REGISTRY
+
+    floats = ("logits", "probs", "log_probs", "binary")
+    return sorted(
+        name
+        for name, d in REGISTRY.items()
+        if len(d.inputs) == 2 and all(k in floats for k in d.inputs)
+    )
+
+
+def _kind_input(kind, seed, shape):
+    rng = np.random.default_rng(seed)
+    if kind == "logits":
+        return jnp.asarray(rng.normal(size=shape) * 2, "float32")
+    p = rng.uniform(0.05, 1.0, size=shape)
+    if kind == "binary":
+        return jnp.asarray(p, "float32")
+    p = p / p.sum(-1, keepdims=True)
+    return jnp.asarray(np.log(p) if kind == "log_probs" else p, "float32")
+
+
+@multi_device
+@pytest.mark.parametrize("replicated", [None, 0, 1])
+@pytest.mark.parametrize("name", _two_input_losses())
+def test_two_input_gradients_in_shard_map(name, replicated):
+    from jaxent._define import REGISTRY
+
+    fn = REGISTRY[name].public
+    mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Auto,))
+    rows = 2
+    kinds = REGISTRY[name].inputs
+    full = [_kind_input(k, i, (DEVICES * rows, 8)) for i, k in enumerate(kinds)]
+    if replicated is not None:
+        full[replicated] = full[replicated][:rows]
+    specs = [P() if i == replicated else P("data") for i in range(2)]
+
+    def per_shard(a, b):
+        return jax.lax.psum(jnp.sum(fn(a, b)), "data")
+
+    loss = jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs), out_specs=P())
+    value, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(*full)
+
+    def one_device(a, b):
+        if replicated == 0:
+            a = jnp.tile(a, (DEVICES, 1))
+        if replicated == 1:
+            b = jnp.tile(b, (DEVICES, 1))
+        return jnp.sum(fn(a, b))
+
+    ref_value, ref_grads = jax.value_and_grad(one_device, (0, 1))(*full)
+    assert_close(value, ref_value, "float32")
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert g.shape == rg.shape
+        assert_close(g, rg, "float32", kind="grad")
