@@ -23,6 +23,8 @@ import scipy.special
 import jaxent
 from tests.helpers import error_units, record
 
+pytestmark = pytest.mark.slow
+
 INF, NAN = np.inf, np.nan
 INT_CE = jaxent.softmax_cross_entropy_with_integer_labels
 SOFT_CE = jaxent.softmax_cross_entropy

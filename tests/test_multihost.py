@@ -25,6 +25,8 @@ import pytest
 
 from tests import _multihost_worker as worker
 
+pytestmark = pytest.mark.slow
+
 WORKER = Path(worker.__file__).absolute()
 # The workers take 6 s on 2 idle cores, 15-30 s on busy ones; a failed peer
 # must not hang CI, so past this both are killed.

@@ -35,6 +35,8 @@ from jaxent import reference
 from tests.helpers import FLOAT_DTYPES, TOLERANCES, assert_close, error_units, record
 from tests.oracle import ORACLES, _normalize
 
+pytestmark = pytest.mark.slow
+
 # Per function, in the "ci" profile: 2 configurations x 256 cases in float64 and
 # float32, 1 x 512 in float16 and bfloat16 (where rounding, not the option mix, is
 # the point): 2,048 cases. The "thorough" profile (2000 examples) draws 33 times
@@ -302,10 +304,16 @@ def make_inputs(d: Drawn, seed: int, k: int):
             pred = _probs(rng, shp)
             pred = np.where((pred == 0) & (t > 0), 1e-3, pred)
             rows["log_predictions"] = q(np.log(pred))
-        elif name == "softmax_kl_divergence":
+        elif name in ("softmax_kl_divergence", "softmax_generalized_jsd"):
             t = _logits(rng, shp)
             t_inf = _inf_at(rng, shp, np.ones(shp, bool))
-            x = np.where(_inf_at(rng, shp, t_inf), -np.inf, _logits(rng, shp))
+            # -inf student logits where the teacher's are -inf (a finite KL);
+            # the JSD is finite for any pattern but at beta = 0 (KL) and 1.
+            beta = d.opts.get("beta", 0.0)
+            allowed = t_inf if beta == 0 else np.ones(shp, bool)
+            x = np.where(_inf_at(rng, shp, allowed), -np.inf, _logits(rng, shp))
+            if beta == 1:  # KL(student || teacher): the other way round
+                t_inf = t_inf & np.isinf(x)
             rows["logits"], rows["target_logits"] = q(x), q(np.where(t_inf, -np.inf, t))
     for key, v in rows.items():
         if key not in native and v.ndim == 3 and v.shape == shp:
@@ -329,6 +337,14 @@ SMOOTHING = (0.0, 0.0, 0.1, 0.37, 1.0)
 Z_LOSS = (0.0, 0.0, 1e-4, 0.02)
 REDUCTIONS = ("none", "sum", "mean")
 BASES = (None, 2.0, 10.0, math.e)
+TEMPERATURES = (1.0, 1.0, 0.5, 2.5)
+TEMPERED = (
+    "softmax_cross_entropy",
+    "softmax_entropy",
+    "softmax_kl_divergence",
+    "softmax_generalized_jsd",
+)
+BETAS = (0.5, 0.0, 1.0, 0.1, 0.9)
 
 
 @st.composite
@@ -369,6 +385,7 @@ def drawn(draw, name, dtype):
         "softmax_cross_entropy_with_integer_labels",
         "softmax_entropy",
         "softmax_kl_divergence",
+        "softmax_generalized_jsd",
     )
     if name in class_where and draw(st.booleans()):
         d.where = "class"
@@ -389,12 +406,17 @@ def drawn(draw, name, dtype):
         "softmax_cross_entropy_with_integer_labels",
         "sigmoid_binary_cross_entropy",
         "softmax_kl_divergence",
+        "softmax_generalized_jsd",
     ):
         d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     if name in ("entropy", "cross_entropy", "softmax_entropy"):
         d.opts["base"] = draw(st.sampled_from(BASES))
     if no_axis and draw(st.booleans()):
         d.pos_weight_shape = draw(_broadcastable(lay.shape))
+    if name in TEMPERED:
+        d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
+    if name == "softmax_generalized_jsd":
+        d.opts["beta"] = draw(st.sampled_from(BETAS))
     return d
 
 
@@ -412,6 +434,7 @@ POSITIONAL = {
     "kl_divergence_with_log_targets": ("log_predictions", "log_targets"),
     "softmax_entropy": ("logits",),
     "softmax_kl_divergence": ("logits", "target_logits"),
+    "softmax_generalized_jsd": ("logits", "target_logits"),
     "linear_softmax_cross_entropy": ("hidden", "weight", "labels"),
 }
 FUNCTIONS = tuple(POSITIONAL)
@@ -665,6 +688,24 @@ def _relations(x, t, p, q, labels, w, keep, shift, u, axis):
         jaxent.kl_divergence(lsm(x), sm(t), axis=axis),
         skl,
     )
+    jsd = functools.partial(jaxent.softmax_generalized_jsd, axis=axis)
+    eq["JSD at beta 0 = softmax KL"] = (jsd(x, t, beta=0.0), skl)
+    eq["JSD at beta 1 = softmax KL reversed"] = (
+        jsd(x, t, beta=1.0),
+        jaxent.softmax_kl_divergence(t, x, axis=axis),
+    )
+    eq["JSD(x, x) = 0"] = (jsd(x, x, beta=0.3), 0 * skl)
+    eq["JSD symmetric at beta 1/2"] = (jsd(x, t), jsd(t, x))
+    nonneg["JSD >= 0"] = jsd(x, t, beta=0.3)
+    nonneg["log 2 - JSD >= 0 at beta 1/2"] = math.log(2) - jsd(x, t)
+    eq["temperature T = logits / T (KL)"] = (
+        jaxent.softmax_kl_divergence(x, t, axis=axis, temperature=2.0),
+        jaxent.softmax_kl_divergence(x / 2, t / 2, axis=axis),
+    )
+    eq["temperature T = logits / T (JSD)"] = (
+        jsd(x, t, beta=0.7, temperature=0.5),
+        jsd(x * 2, t * 2, beta=0.7),
+    )
     eq["softmax_entropy = entropy(softmax)"] = (
         jaxent.softmax_entropy(x, axis=axis),
         jaxent.entropy(sm(x), axis=axis),
@@ -795,6 +836,7 @@ def _relations(x, t, p, q, labels, w, keep, shift, u, axis):
             "kl_divergence": (jnp.log(q), p),
             "kl_divergence_with_log_targets": (jnp.log(q), jnp.log(p)),
             "softmax_kl_divergence": (x, t),
+            "softmax_generalized_jsd": (x, t),
         }[name]
         a = f(*args, axis=axis)
         b = f(*(moved(v) if v.shape == x.shape else v for v in args), axis=-1)
@@ -874,7 +916,7 @@ GRAD_OPTIONS = {
     "softmax": [{"where": "class"}],
     "softmax_cross_entropy": [
         {"label_smoothing": 0.2, "z_loss": 0.01, "where": "class", "reduction": "mean"},
-        {"where": "batch", "reduction": "sum"},
+        {"where": "batch", "reduction": "sum", "temperature": 2.5},
     ],
     "softmax_cross_entropy_with_integer_labels": [
         {
@@ -892,10 +934,18 @@ GRAD_OPTIONS = {
     "cross_entropy": [{"base": 2.0}],
     "kl_divergence": [{"where": "class"}],
     "kl_divergence_with_log_targets": [{"where": "class"}],
-    "softmax_entropy": [{"where": "class", "base": 2.0}, {"where": "batch"}],
+    "softmax_entropy": [
+        {"where": "class", "base": 2.0},
+        {"where": "batch", "temperature": 0.5},
+    ],
     "softmax_kl_divergence": [
         {"where": "class", "reduction": "mean"},
-        {"where": "batch", "reduction": "sum"},
+        {"where": "batch", "reduction": "sum", "temperature": 2.5},
+    ],
+    "softmax_generalized_jsd": [
+        {"where": "class", "reduction": "mean", "beta": 0.3, "temperature": 2.5},
+        {"where": "batch", "reduction": "sum", "beta": 0.0, "temperature": 0.5},
+        {"beta": 1.0},
     ],
     "linear_softmax_cross_entropy": [
         {"bias": True, "label_smoothing": 0.2, "z_loss": 0.01, "block_size": 4},
@@ -937,6 +987,7 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
         "kl_divergence_with_log_targets": [np.log(q), np.log(p)],
         "softmax_entropy": [x],
         "softmax_kl_divergence": [x, t],
+        "softmax_generalized_jsd": [x, t],
         "linear_softmax_cross_entropy": [
             rng.normal(size=(*batch, 4)),
             rng.normal(size=(4, c)) / 2,

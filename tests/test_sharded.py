@@ -26,6 +26,8 @@ from jax.sharding import PartitionSpec as P
 import jaxent
 from tests.helpers import assert_close, int_labels, logits, probabilities
 
+pytestmark = pytest.mark.slow
+
 DEVICES = 8
 multi_device = pytest.mark.skipif(
     jax.device_count() < DEVICES, reason="runs in the 8-device subprocess"
