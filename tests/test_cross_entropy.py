@@ -2,7 +2,6 @@
 plain-JAX reference, transforms, masks, dtypes and argument errors."""
 
 import itertools
-import re
 
 import jax
 import jax.numpy as jnp
