@@ -4,6 +4,12 @@ The ``[N, V]`` logits ``hidden @ weight + bias`` are never stored: the forward
 streams over tiles of (token chunk, vocabulary block) keeping a running max and
 sum-exp per token, and the backward recomputes each logits tile to form its
 ``softmax - target`` block, which is consumed by the two gradient matmuls at once.
+
+Two implementations of that rule sit behind one dispatch point
+(:func:`_per_implementation`): ``"xla"``, blocked loops of XLA ops (this module),
+and ``"pallas"``, hand-written Triton kernels (:mod:`jaxent._pallas_linear`),
+interpreted off GPU. :func:`_materialized` is the same loss on materialized
+logits in plain JAX (the reference twin both are tested against).
 """
 
 from __future__ import annotations
@@ -20,34 +26,60 @@ from jax import lax
 from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike
 
-from ._checks import (
+from . import _pallas_linear as kernels
+from ._args import (
     as_bool,
     as_float,
     as_int,
     check_fraction,
     check_index,
     check_nonnegative,
+    check_positive,
     check_reduction,
-    compute_dtype,
     describe,
-    is_sharded,
-    reduce_loss,
-    replicated,
-    reshard,
-    spec,
 )
+from ._define import Rule, loss
+from ._numerics import compute_dtype
+from ._reduction import reduce_loss
+from ._sharding import is_sharded, replicated, reshard, spec, vary, vma
 
-# Default tiling, measured with benchmarks/linear_ce.py --sweep (forward +
-# backward). CPU, N=2048, D=256, V=32768 float32: tiles of 2^20 logits run within
-# ~2% of tiles of 2^21 and below the materialized path's time; at a given tile
-# size 2048-column vocab blocks are the fastest shape (512 columns ~14% slower,
-# 8192 ~8%). H100, N=8192, D=4096, V=128256 bfloat16: each loop step costs a
-# fixed overhead, so tiles of 2^24 logits (8192 x 2048: 64 ms) beat 2^20 (157 ms)
-# while 2^25 gains only 3%. Compiled temp memory is about two float32 tiles (the
-# backward's logits and their gradient) plus O(N D).
+# Default tiling of the "xla" implementation, measured with
+# benchmarks/linear_ce.py --sweep (forward + backward). CPU, N=2048, D=256,
+# V=32768 float32: tiles of 2^20 logits run within ~2% of tiles of 2^21 and below
+# the materialized path's time; at a given tile size 2048-column vocab blocks are
+# the fastest shape (512 columns ~14% slower, 8192 ~8%). H100, N=8192, D=4096,
+# V=128256 bfloat16: each loop step costs a fixed overhead, so tiles of 2^24
+# logits (8192 x 2048: 64 ms) beat 2^20 (157 ms) while 2^25 gains only 3%.
+# Compiled temp memory is about two float32 tiles (the backward's logits and
+# their gradient) plus O(N D). The tile is chosen when the program is lowered
+# (``lax.platform_dependent``), not from the tracing host's backend.
 _TILE_CPU = 2**20
 _TILE_ACCELERATOR = 2**24
 _BLOCK_V = 2048
+
+IMPLEMENTATIONS = ("xla", "pallas")
+# What ``implementation=None`` runs when lowered for CUDA. The Pallas kernels
+# have not been timed on a GPU yet (benchmarks/gpu_check.py does it), so the
+# measured XLA path stays the default until they are shown to be faster.
+_CUDA_DEFAULT = "xla"
+
+
+class LinearCrossEntropyAux(NamedTuple):
+    """Per-token by-products of :func:`linear_softmax_cross_entropy` with
+    ``return_aux=True``, from the same streaming pass (no extra matmul); they
+    carry no gradient.
+
+    Attributes:
+      lse: log-normalizer ``log sum_c exp(x_c)`` of the final logits (after
+        ``bias`` and ``softcap``), ``labels``' shape, float32 (float64 for
+        float64 inputs); every token, counted or not.
+      argmax: predicted class ``argmax_c x_c``, int32, ``labels``' shape; a
+        global class id under ``axis_name``; ties go to the lowest id, a row
+        without a finite logit gives 0.
+    """
+
+    lse: jax.Array
+    argmax: jax.Array
 
 
 class _Opts(NamedTuple):
@@ -55,13 +87,17 @@ class _Opts(NamedTuple):
 
     smoothing: float
     z_loss: float
+    softcap: float | None
+    filter_eps: float | None
     num_classes: int  # global vocabulary size (all shards)
-    block_n: int
-    block_v: int
-    axis_name: Hashable | None
+    block_size: tuple[int | None, int] | None  # (block_n, block_v) as given
+    implementation: str  # "xla", "pallas" or "auto"
+    aux: bool
 
 
+@loss("hidden", "weight", "class_ids", where="rows")
 def linear_softmax_cross_entropy(
+    impl,
     hidden: ArrayLike,
     weight: ArrayLike,
     labels: ArrayLike,
@@ -71,33 +107,59 @@ def linear_softmax_cross_entropy(
     where: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    filter_eps: float | None = None,
     reduction: str = "none",
     block_size: int | tuple[int, int] | None = None,
     axis_name: Hashable | None = None,
-) -> jax.Array:
+    implementation: str | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
     r"""Cross-entropy of ``hidden @ weight + bias`` without materializing the logits.
 
-    With logits :math:`x_i = h_i W + b` over :math:`V` classes, label :math:`y_i`,
-    smoothing :math:`\epsilon` and :math:`\mathrm{lse}_i = \log\sum_c e^{x_{ic}}`:
+    With logits :math:`x_i = c \tanh((h_i W + b) / c)` (or :math:`h_i W + b`
+    without ``softcap`` :math:`c`) over :math:`V` classes, label :math:`y_i`,
+    smoothing :math:`\epsilon` and :math:`\mathrm{lse}_i = \log\sum_k e^{x_{ik}}`:
 
     .. math::
         \ell_i = (1-\epsilon)(\mathrm{lse}_i - x_{iy_i})
-        + \frac{\epsilon}{V}\sum_c (\mathrm{lse}_i - x_{ic})
+        + \frac{\epsilon}{V}\sum_k (\mathrm{lse}_i - x_{ik})
         + z\,\mathrm{lse}_i^2
 
     Same values and gradients (w.r.t. ``hidden``, ``weight`` and ``bias``) as
-    ``softmax_cross_entropy_with_integer_labels(hidden @ weight + bias, labels,
-    ...)`` with the same options, to floating-point rounding. The forward streams
-    over tiles of at most ``block_n`` tokens by ``block_v`` classes with an online
-    max / log-sum-exp and saves only its inputs and the per-token ``lse``; the
-    backward recomputes each logits tile, forms ``softmax * (1 + 2 z lse) - Y``
-    (the one-hot part by comparison with the labels) in the input dtype and
-    accumulates ``d hidden`` in float32 while emitting ``d weight`` block by block.
-    No ``[N, V]`` array exists in the forward, the backward or the residuals.
+    ``softmax_cross_entropy_with_integer_labels(x, labels, ...)`` on the
+    materialized logits with the same options, to floating-point rounding. The
+    forward streams over tiles of tokens by classes with an online max /
+    log-sum-exp and saves only its inputs and the per-token ``lse``; the
+    backward recomputes each logits tile, forms ``G = softmax * (1 + 2 z lse) -
+    Y`` (the one-hot part by comparison with the labels, times ``1 - tanh^2``
+    with a softcap) and feeds it to the gradient matmuls in the input dtype,
+    accumulating in float32. No ``[N, V]`` array exists in the forward, the
+    backward or the residuals.
+
+    Which implementation:
+
+    * ``"xla"``: blocked loops of XLA ops (tiles of ``block_size``). Any float
+      dtype, differentiable twice; on a GPU it runs the extra recomputation
+      matmul and writes float32 tiles between the matmuls (H100, N=8192,
+      D=4096, V=128256 bf16: 65.6 ms against 36.5 ms for the three bare
+      matmuls).
+    * ``"pallas"``: hand-written Triton kernels (forward; ``d hidden``; ``d
+      weight``, see :mod:`jaxent._pallas_linear`) that keep every logits tile
+      on chip. float32, bfloat16 and float16 only; first-order gradients only.
+      On CUDA they are compiled; on any other platform (CPU included) the same
+      kernels run in Pallas interpret mode, which is slow and meant for tests.
+      Their GPU speed has not been measured yet (``benchmarks/gpu_check.py``).
+    * ``None``: the fastest correct path for the platform the program is
+      lowered for (a lowering-time choice, so ahead-of-time exports get the
+      target's path). Until the kernels are timed on a GPU this is ``"xla"``
+      everywhere.
 
     Args:
       hidden: floating array ``[..., D]`` (``N`` = product of the leading dims).
-      weight: floating array ``[D, V]`` (``[D, V / shards]`` with ``axis_name``).
+      weight: floating array ``[D, V]`` (``[D, V / shards]`` with
+        ``axis_name``). A tied ``[V, D]`` embedding is passed as
+        ``embedding.T``.
       labels: integer array ``[...]`` (``hidden``'s leading shape) of class
         indices in ``[0, V)``; global ids when vocab-parallel.
       bias: optional floating array ``[V]`` (sharded like ``weight``'s columns).
@@ -108,27 +170,47 @@ def linear_softmax_cross_entropy(
       label_smoothing: ``epsilon`` in ``[0, 1]``: mass spread uniformly over the
         ``V`` classes.
       z_loss: coefficient of the ``lse**2`` penalty (>= 0).
+      softcap: optional ``c > 0``: logits become ``c * tanh(logits / c)`` (after
+        the bias) before the softmax, as in Gemma 2; a ``-inf`` logit (masked
+        class) stays ``-inf``.
+      filter_eps: optional ``eps > 0``, Cut Cross-Entropy's gradient filtering:
+        the backward drops every entry of ``d loss_i / d x_ik`` (the per-example
+        derivative, before the cotangent and the softcap factor) whose magnitude
+        is below ``eps``, and skips the matmuls of a tile where all are dropped.
+        It approximates the gradient (the loss is exact): each entry of ``d
+        hidden`` moves by at most ``eps * |g_i| * sum_k |w_dk|`` and of ``d
+        weight`` by ``eps * sum_i |g_i h_id|``, tiny once the softmax is peaked
+        (a trained model), and the time saved grows with the tiles skipped
+        (the Pallas kernels' tiles are small; the XLA path's default tiles are
+        large and seldom all below ``eps``).
       reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted
         examples; 0 when none is counted).
       block_size: vocabulary block width ``block_v``, or a pair ``(block_n,
-        block_v)`` to also fix the token chunk. ``None`` picks tiles of about
-        ``T`` logits, the fastest measured: ``T = 2**20`` (4 MiB in float32) on
-        CPU, ``2**24`` on GPU/TPU where each loop step has a fixed cost;
-        ``block_v = min(V, max(2048, T // N))`` and ``block_n = min(N,
-        T // block_v)``; with ``block_v`` alone, ``block_n`` is derived the
-        same way. Compiled temp memory is then about two float32 tiles plus
-        ``O(N D)``, whatever ``N x V``. A ragged last block gets its own static
-        shape (``weight`` is never padded).
+        block_v)`` to also fix the token chunk. For ``"xla"``, ``None`` picks
+        tiles of about ``T`` logits, the fastest measured: ``T = 2**20`` (4 MiB
+        in float32) on CPU, ``2**24`` on GPU/TPU where each loop step has a
+        fixed cost; ``block_v = min(V, max(2048, T // N))`` and ``block_n =
+        min(N, T // block_v)``; with ``block_v`` alone, ``block_n`` is derived
+        the same way. Compiled temp memory is then about two float32 tiles plus
+        ``O(N D)``, whatever ``N x V``. For ``"pallas"`` the sizes are the
+        kernels' tiles and must be powers of two >= 16 (default ``(64,
+        128)``); shapes need not be multiples of them.
       axis_name: mesh axis over which ``weight`` (and ``bias``) are sharded by
         columns, when called inside ``shard_map`` (vocab-parallel). The loss is
         the exact global one, using ``O(N)`` collectives (``pmax`` of the max,
         ``psum`` of the sum-exp, target logit and smoothing sum); the backward
         needs only a ``psum`` of ``d hidden`` (``[N, D]``).
+      implementation: ``"xla"``, ``"pallas"`` or ``None`` (see above). With
+        ``None``, inputs the kernels do not take run on ``"xla"``; with
+        ``"pallas"`` they raise a ValueError naming the argument.
+      return_aux: also return a :class:`LinearCrossEntropyAux` of per-token
+        ``lse`` and ``argmax``.
 
     Returns:
       per-example losses of ``labels``' shape for ``reduction="none"``, else a
       scalar; dtype of ``hidden`` and ``weight`` promoted (bf16 inputs give a
-      bf16 loss, computed and reduced in float32).
+      bf16 loss, computed and reduced in float32). With ``return_aux``, the
+      pair ``(loss, aux)``.
 
     Example:
       >>> import jax.numpy as jnp, jaxent
@@ -136,15 +218,22 @@ def linear_softmax_cross_entropy(
       >>> w = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
       >>> jaxent.linear_softmax_cross_entropy(h, w, jnp.array([0, 2])).round(4)
       Array([0.2395, 0.5514], dtype=float32)
+      >>> loss, aux = jaxent.linear_softmax_cross_entropy(
+      ...     h, w, jnp.array([0, 2]), softcap=1.0, return_aux=True
+      ... )
+      >>> loss.round(4), aux.argmax
+      (Array([0.5669, 0.6595], dtype=float32), Array([0, 2], dtype=int32))
 
     Note:
       Logits follow the library's conventions: ``-inf`` bias entries are masked
-      classes; ``+inf``/NaN in a row give NaN for it; an out-of-range label (not
-      ``ignore_index``) gives NaN for that example's loss and gradients (and hence
-      NaN in ``d weight``, as with materialized logits). Being a
-      ``jax.custom_vjp``, it cannot be used with ``jax.jvp``/``jax.jacfwd``; the
-      backward is plain JAX, so it can be differentiated again in reverse mode.
-      For forward mode, use ``jaxent.reference`` on ``hidden @ weight + bias``.
+      classes; ``+inf``/NaN in a row give NaN for it (with a softcap, ``+inf``
+      becomes ``c``); an out-of-range label (not ``ignore_index``) gives NaN for
+      that example's loss and gradients (and hence NaN in ``d weight``, as with
+      materialized logits); the ``argmax`` of a row holding NaN is unspecified.
+      Being a ``jax.custom_vjp``, it cannot be used with ``jax.jvp``/
+      ``jax.jacfwd``; the ``"xla"`` backward is plain JAX, so it can be
+      differentiated again in reverse mode (the ``"pallas"`` one cannot). For
+      forward mode, use ``jaxent.reference.linear_softmax_cross_entropy``.
     """
     fn = "linear_softmax_cross_entropy"
     h = as_float(fn, "hidden", hidden)
@@ -153,18 +242,11 @@ def linear_softmax_cross_entropy(
     reduction = check_reduction(fn, reduction)
     smoothing = check_fraction(fn, "label_smoothing", label_smoothing)
     z = check_nonnegative(fn, "z_loss", z_loss)
-    if w.ndim != 2:
-        raise ValueError(f"{fn}: `weight` must be [D, V]; got {describe(w)}.")
-    if h.ndim < 1 or h.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"{fn}: `hidden` must be [..., D] with D = weight.shape[0] = "
-            f"{w.shape[0]}; got {describe(h)}."
-        )
-    if y.shape != h.shape[:-1]:
-        raise ValueError(
-            f"{fn}: `labels` must have hidden's leading shape {h.shape[:-1]}; "
-            f"got {describe(y)}."
-        )
+    cap = _optional_positive(fn, "softcap", softcap)
+    eps = _optional_positive(fn, "filter_eps", filter_eps)
+    if not isinstance(return_aux, bool | np.bool_):
+        raise TypeError(f"{fn}: `return_aux` must be a bool; got {return_aux!r}.")
+    _check_shapes(fn, h, w, y)
     dtype = _common_float(h.dtype, w.dtype)
     b = None
     if bias is not None:
@@ -187,11 +269,12 @@ def linear_softmax_cross_entropy(
                 f"got {describe(where)}."
             )
         counted = counted & where
+    blocks = _block_size(fn, block_size)
 
     n, (d, v_local) = int(np.prod(y.shape)), w.shape
+    chosen = _choose(fn, implementation, dtype, d, v_local, blocks)
     num_classes = v_local * (1 if axis_name is None else lax.axis_size(axis_name))
-    block_n, block_v = _blocks(fn, block_size, n, v_local)
-    opts = _Opts(smoothing, z, num_classes, block_n, block_v, axis_name)
+    opts = _Opts(smoothing, z, cap, eps, num_classes, blocks, chosen, bool(return_aux))
     batch, y = y.shape, y.reshape(n)
     # Labels outside [0, V) are flagged before narrowing to int32, so that a
     # wrapped int64 value cannot land on a real class.
@@ -199,28 +282,82 @@ def linear_softmax_cross_entropy(
     y32 = jnp.where(in_range, y, -1).astype(jnp.int32)
     params = (h.astype(dtype).reshape(n, d), w.astype(dtype), b)
     rest = (y32, counted.reshape(n), in_range)
+    core = impl(_LINEAR)
     if axis_name is None and any(
         is_sharded(a) for a in (*params, *rest) if a is not None
     ):
-        loss = _partitioned(fn, block_size, params, rest, opts)
+        out, aux = _partitioned(core, params, rest, opts)
     else:
-        loss = _aligned_fused(params, rest, opts)
-    loss = reduce_loss(loss.reshape(batch), reduction, jnp.sum(counted))
-    return loss.astype(dtype)
+        out, aux = core(*params, *rest, axis_name, opts)
+    out = reduce_loss(out.reshape(batch), reduction, jnp.sum(counted))
+    out = out.astype(dtype)
+    if not return_aux:
+        return out
+    lse, argmax = (lax.stop_gradient(a).reshape(batch) for a in aux)
+    return out, LinearCrossEntropyAux(lse, argmax)
 
 
-def _aligned_fused(params, rest, opts: _Opts) -> jax.Array:
-    """The kernel on ``params = (h, w, b)`` and ``rest = (y, counted, in_range)``.
+def _optional_positive(fn: str, name: str, value) -> float | None:
+    """None, or a static finite Python float > 0."""
+    return None if value is None else check_positive(fn, name, value)
 
-    Inside shard_map, the differentiable inputs are first made to vary over the
-    same mesh axes (but the vocab axis, whose d hidden the backward psums
-    itself).
-    """
-    name = opts.axis_name
-    axes = frozenset().union(*(_vma(a) for a in params if a is not None))
-    axes -= frozenset(name if isinstance(name, tuple) else (name,))
-    params = tuple(None if a is None else _vary(a, axes) for a in params)
-    return _fused(*params, *rest, opts)
+
+def _check_shapes(fn: str, h, w, y) -> None:
+    if w.ndim != 2:
+        raise ValueError(
+            f"{fn}: `weight` must be [D, V] (a tied [V, D] embedding is passed as "
+            f"`embedding.T`); got {describe(w)}."
+        )
+    if h.ndim < 1 or h.shape[-1] != w.shape[0]:
+        hint = ""
+        if h.ndim >= 1 and w.shape[1] == h.shape[-1]:
+            hint = (
+                f" `weight` looks like a tied [V, D] embedding: pass `embedding.T` "
+                f"([{w.shape[1]}, {w.shape[0]}])."
+            )
+        raise ValueError(
+            f"{fn}: `weight` must be [D, V] with D = hidden.shape[-1]; got "
+            f"`weight` {describe(w)} and `hidden` {describe(h)}.{hint}"
+        )
+    if y.shape != h.shape[:-1]:
+        raise ValueError(
+            f"{fn}: `labels` must have hidden's leading shape {h.shape[:-1]}; "
+            f"got {describe(y)}."
+        )
+
+
+def _block_size(fn: str, block_size) -> tuple[int | None, int] | None:
+    """``block_size`` as ``(block_n or None, block_v)`` (None: the defaults)."""
+    if block_size is None:
+        return None
+    sizes = (block_size,) if np.ndim(block_size) == 0 else tuple(block_size)
+    try:
+        sizes = tuple(operator.index(s) for s in sizes)
+    except TypeError:
+        sizes = ()
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ValueError(
+            f"{fn}: `block_size` must be a positive int or a pair of positive "
+            f"ints (block_n, block_v); got {block_size!r}."
+        )
+    return (None, *sizes) if len(sizes) == 1 else sizes
+
+
+def _choose(fn: str, implementation, dtype, d: int, v: int, blocks) -> str:
+    """``"xla"``, ``"pallas"`` or ``"auto"`` (decided at lowering)."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{fn}: `implementation` must be None, 'xla' or 'pallas'; got "
+            f"{implementation!r}."
+        )
+    if implementation == "xla":
+        return "xla"
+    why = kernels.unsupported(dtype, d, v, blocks)
+    if implementation == "pallas":
+        if why is not None:
+            raise ValueError(f"{fn}: implementation='pallas' {why}.")
+        return "pallas"
+    return "auto" if _CUDA_DEFAULT == "pallas" and why is None else "xla"
 
 
 def _axes(entry) -> tuple:
@@ -230,7 +367,7 @@ def _axes(entry) -> tuple:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _partitioned(fn, block_size, params, rest, opts: _Opts) -> jax.Array:
+def _partitioned(core, params, rest, opts: _Opts):
     """The kernel on an explicit-sharding mesh, run per shard in ``shard_map``.
 
     Tokens stay split as ``hidden``'s rows are and the vocabulary as
@@ -255,15 +392,11 @@ def _partitioned(fn, block_size, params, rest, opts: _Opts) -> jax.Array:
         )
     )
     if not rows and not cols:
-        return _aligned_fused((h, w, b), tuple(rest), opts)
-    n_local = h.shape[0] // int(np.prod([mesh.shape[a] for a in rows]))
-    v_local = w.shape[1] // int(np.prod([mesh.shape[a] for a in cols]))
-    block_n, block_v = _blocks(fn, block_size, n_local, v_local)
+        return core(h, w, b, *rest, None, opts)
     name = None if not cols else cols[0] if len(cols) == 1 else cols
-    local = opts._replace(block_n=block_n, block_v=block_v, axis_name=name)
     P = PartitionSpec
     kernel = jax.shard_map(
-        lambda h, w, b, rest: _aligned_fused((h, w, b), rest, local),
+        lambda h, w, b, rest: core(h, w, b, *rest, name, opts),
         mesh=mesh,
         in_specs=(P(row_spec, None), P(None, col_spec), P(col_spec), P(row_spec)),
         out_specs=P(row_spec),
@@ -281,24 +414,12 @@ def _common_float(a, b) -> jnp.dtype:
     return b if b.itemsize > a.itemsize else jnp.dtype(jnp.float32)
 
 
-def _blocks(fn: str, block_size, n: int, v: int) -> tuple[int, int]:
-    """Token chunk and vocabulary block sizes (see ``block_size``)."""
-    tile = _TILE_CPU if jax.default_backend() == "cpu" else _TILE_ACCELERATOR
-    if block_size is None:
+def _blocks(block_size, n: int, v: int, tile: int) -> tuple[int, int]:
+    """Token chunk and vocabulary block of the XLA path for tiles of about
+    ``tile`` logits (see ``block_size``)."""
+    block_n, block_v = (None, None) if block_size is None else block_size
+    if block_v is None:
         block_v = max(_BLOCK_V, tile // max(n, 1) // 128 * 128)
-        block_n = None
-    else:
-        sizes = (block_size,) if np.ndim(block_size) == 0 else tuple(block_size)
-        try:
-            sizes = tuple(operator.index(s) for s in sizes)
-        except TypeError:
-            sizes = ()
-        if len(sizes) not in (1, 2) or min(sizes) < 1:
-            raise ValueError(
-                f"{fn}: `block_size` must be a positive int or a pair of positive "
-                f"ints (block_n, block_v); got {block_size!r}."
-            )
-        block_n, block_v = (None, *sizes) if len(sizes) == 1 else sizes
     block_v = min(block_v, max(v, 1))
     if block_n is None:
         block_n = max(8, tile // block_v // 8 * 8)
@@ -321,31 +442,135 @@ def _blocked(size: int, block: int, body, carry):
     return carry
 
 
-def _vma(x) -> frozenset:
-    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _vary(x, axes: frozenset):
-    """``x`` marked as varying over ``axes`` (a no-op outside ``shard_map``).
-
-    Inputs are aligned this way before the ``custom_vjp`` so that its backward
-    returns cotangents of the inputs' own types (the transpose of this cast
-    sums a replicated input's cotangent over the mesh axes it was broadcast
-    to, e.g. ``d weight`` over a data-parallel axis), and fresh loop carries so
-    that they match the values computed in the loop body.
-    """
-    missing = tuple(sorted(axes - _vma(x), key=str))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _col_offset(opts: _Opts, v_local: int):
+def _col_offset(axis_name, v_local: int):
     """Global id of this shard's first column."""
-    if opts.axis_name is None:
+    if axis_name is None:
         return 0
-    return lax.axis_index(opts.axis_name) * v_local
+    return lax.axis_index(axis_name).astype(jnp.int32) * v_local
+
+
+def _softcap(x, cap):
+    """``cap * tanh(x / cap)``, ``-inf`` kept (masked classes), and the tanh."""
+    th = jnp.tanh(x / cap)
+    return jnp.where(x == -jnp.inf, -jnp.inf, cap * th), th
+
+
+def _targets(opts: _Opts) -> tuple[float, float]:
+    """Target weights ``(on, off)`` of the label's class and of every other."""
+    off = opts.smoothing / opts.num_classes
+    return (1 - opts.smoothing) + off, off
+
+
+def _kernel_options(opts: _Opts) -> kernels.Options:
+    return kernels.Options(
+        z_loss=opts.z_loss,
+        smoothing=opts.smoothing,
+        num_classes=opts.num_classes,
+        softcap=opts.softcap,
+        filter_eps=opts.filter_eps,
+        want_xsum=opts.smoothing > 0 and opts.softcap is not None,
+        want_argmax=opts.aux,
+    )
+
+
+# -- the dispatch point ----------------------------------------------------------
+
+
+def _per_implementation(opts: _Opts, xla_fn, pallas_fn, *args):
+    """``xla_fn(*args, tile=...)`` or ``pallas_fn(*args, interpret=...)``, the
+    choice (and the XLA tile, and whether the kernels are compiled) made for
+    the platform the program is lowered for. With one lowering platform the
+    other branches are pruned then."""
+    xla_cpu = functools.partial(xla_fn, tile=_TILE_CPU)
+    xla_other = functools.partial(xla_fn, tile=_TILE_ACCELERATOR)
+    compiled = functools.partial(pallas_fn, interpret=False)
+    interpreted = functools.partial(pallas_fn, interpret=True)
+    if opts.implementation == "xla":
+        return lax.platform_dependent(*args, cpu=xla_cpu, default=xla_other)
+    if opts.implementation == "pallas":
+        return lax.platform_dependent(*args, cuda=compiled, default=interpreted)
+    return lax.platform_dependent(*args, cpu=xla_cpu, cuda=compiled, default=xla_other)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused(h, w, b, y, counted, in_range, axis_name, opts):
+    return _fused_fwd(h, w, b, y, counted, in_range, axis_name, opts)[0]
+
+
+def _fused_fwd(h, w, b, y, counted, in_range, axis_name, opts: _Opts):
+    offset = _col_offset(axis_name, w.shape[1])
+    stats = _per_implementation(
+        opts,
+        functools.partial(_xla_stats, opts=opts),
+        functools.partial(_pallas_stats, opts=opts),
+        h,
+        w,
+        b,
+        y - offset,
+    )
+    loss, lse, am = _finish(stats, h, w, b, counted, in_range, axis_name, opts)
+    out = (loss, (lse, am) if opts.aux else None)
+    return out, (h, w, b, y, counted, in_range, lse)
+
+
+def _finish(stats, h, w, b, counted, in_range, axis_name, opts: _Opts):
+    """Per-example losses, ``lse`` and argmax (global ids) from the per-token
+    statistics of this shard's columns (argmax in local ids)."""
+    m, s, t, xs, am = stats
+    if am is not None:
+        am = am + _col_offset(axis_name, w.shape[1])
+    if axis_name is not None:
+        m, s, t, xs, am = kernels.combine(m, s, t, xs, am, axis_name)
+    shift = jnp.where(m == -jnp.inf, 0.0, m)
+    # No admissible class (all -inf): normalizer 0, as in the core losses.
+    lse = jnp.where(s == 0, 0.0, shift + jnp.log(s))
+
+    eps = opts.smoothing
+    loss = lse + opts.z_loss * lse**2 if opts.z_loss else lse
+    if eps < 1:
+        loss = loss - (1 - eps) * t
+    if eps > 0:
+        if xs is None:
+            # sum_k x_ik = h_i . rowsum(W) + sum(b): no pass over the logits.
+            acc = compute_dtype(h.dtype)
+            xs = h.astype(acc) @ jnp.sum(w, axis=1, dtype=acc)
+            if b is not None:
+                xs = xs + jnp.sum(b, dtype=acc)
+            if axis_name is not None:
+                xs = lax.psum(xs, axis_name)
+        loss = loss - (eps / opts.num_classes) * xs
+    loss = jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
+    return loss, lse, am
+
+
+def _fused_bwd(axis_name, opts: _Opts, res, cts):
+    h, w, b, y, counted, in_range, lse = res
+    g = cts[0]
+    acc = compute_dtype(h.dtype)
+    g = jnp.where(counted, jnp.where(in_range, g.astype(acc), jnp.nan), 0.0)
+    y = y - _col_offset(axis_name, w.shape[1])
+    dh, dw, db = _per_implementation(
+        opts,
+        functools.partial(_xla_grads, opts=opts),
+        functools.partial(_pallas_grads, opts=opts),
+        h,
+        w,
+        b,
+        y,
+        lse,
+        g,
+    )
+    if axis_name is not None:
+        # Each shard holds the part of d hidden from its own columns.
+        dh = lax.psum(dh, axis_name)
+    db = None if b is None else db.astype(b.dtype)
+    return dh.astype(h.dtype), dw.astype(w.dtype), db, None, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# -- "xla": blocked loops of XLA ops --------------------------------------------
 
 
 def _logits_tile(h, w, b, r0, rn, c0, cw, acc):
@@ -358,124 +583,242 @@ def _logits_tile(h, w, b, r0, rn, c0, cw, acc):
     return hb, wb, x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused(h, w, b, y, counted, in_range, opts):
-    return _fused_fwd(h, w, b, y, counted, in_range, opts)[0]
+def _slice_rows(arrays, r0, rn):
+    return tuple(
+        None if a is None else lax.dynamic_slice_in_dim(a, r0, rn) for a in arrays
+    )
 
 
-def _fused_fwd(h, w, b, y, counted, in_range, opts):
+def _update_rows(arrays, blocks, r0):
+    return tuple(
+        None if a is None else lax.dynamic_update_slice_in_dim(a, ab, r0, 0)
+        for a, ab in zip(arrays, blocks, strict=True)
+    )
+
+
+def _xla_stats(h, w, b, y, *, opts: _Opts, tile: int):
+    """Per-token ``(max, sum-exp, target logit, sum of logits or None, argmax
+    or None)`` over this shard's columns (local ids), streamed over tiles."""
     n, v = h.shape[0], w.shape[1]
     acc = compute_dtype(h.dtype)
-    offset = _col_offset(opts, v)
+    block_n, block_v = _blocks(opts.block_size, n, v, tile)
+    want_xsum = opts.smoothing > 0 and opts.softcap is not None
 
     def vocab_block(c0, cw, carry):
         def token_chunk(r0, rn, carry):
-            m, s, t = carry
             _, _, x = _logits_tile(h, w, b, r0, rn, c0, cw, acc)
-            yb = lax.dynamic_slice_in_dim(y, r0, rn)
-            mb, sb, tb = (lax.dynamic_slice_in_dim(a, r0, rn) for a in (m, s, t))
-            m_new = jnp.maximum(mb, jnp.max(x, axis=1))
+            if opts.softcap is not None:
+                x = _softcap(x, opts.softcap)[0]
+            (yb,) = _slice_rows((y,), r0, rn)
+            mb, sb, tb, xb, ab = _slice_rows(carry, r0, rn)
+            bm = jnp.max(x, axis=1)
+            m_new = jnp.maximum(mb, bm)
             # A row with no finite logit yet keeps shift 0 so exp(-inf - 0) = 0.
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             sb = sb * jnp.exp(mb - shift) + jnp.sum(jnp.exp(x - shift[:, None]), 1)
-            cols = offset + c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
+            cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
             tb = tb + jnp.sum(jnp.where(cols == yb[:, None], x, 0.0), 1)
-            return tuple(
-                lax.dynamic_update_slice_in_dim(a, ab, r0, 0)
-                for a, ab in ((m, m_new), (s, sb), (t, tb))
-            )
+            if xb is not None:
+                xb = xb + jnp.sum(x, 1)
+            if ab is not None:
+                # Blocks come in increasing column order: a tie keeps the earlier.
+                arg = c0 + jnp.argmax(x, axis=1).astype(jnp.int32)
+                ab = jnp.where(bm > mb, arg, ab)
+            return _update_rows(carry, (m_new, sb, tb, xb, ab), r0)
 
-        return _blocked(n, opts.block_n, token_chunk, carry)
+        return _blocked(n, block_n, token_chunk, carry)
 
-    init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc))
-    init = tuple(_vary(a, _vma(h) | _vma(w)) for a in init)
-    m, s, t = _blocked(v, opts.block_v, vocab_block, init)
-    if opts.axis_name is not None:
-        m_all = lax.pmax(m, opts.axis_name)
-        shift = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-        s = lax.psum(s * jnp.exp(m - shift), opts.axis_name)
-        t = lax.psum(t, opts.axis_name)
-    else:
-        shift = jnp.where(m == -jnp.inf, 0.0, m)
-    # No admissible class (all -inf): normalizer 0, as in the core losses.
-    lse = jnp.where(s == 0, 0.0, shift + jnp.log(s))
-
-    eps = opts.smoothing
-    loss = lse + opts.z_loss * lse**2
-    if eps < 1:
-        loss = loss - (1 - eps) * t
-    if eps > 0:
-        # sum_c x_ic = h_i . rowsum(W) + sum(b): no pass over the logits needed.
-        wsum = jnp.sum(w, axis=1, dtype=acc)
-        xsum = h.astype(acc) @ wsum
-        if b is not None:
-            xsum = xsum + jnp.sum(b, dtype=acc)
-        if opts.axis_name is not None:
-            xsum = lax.psum(xsum, opts.axis_name)
-        loss = loss - (eps / opts.num_classes) * xsum
-    loss = jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
-    return loss, (h, w, b, y, counted, in_range, lse)
+    axes = vma(h) | vma(w)
+    zeros = jnp.zeros((n,), acc)
+    init = (
+        jnp.full((n,), -jnp.inf, acc),
+        zeros,
+        zeros,
+        zeros if want_xsum else None,
+        jnp.zeros((n,), jnp.int32) if opts.aux else None,
+    )
+    init = tuple(None if a is None else vary(a, axes) for a in init)
+    return _blocked(v, block_v, vocab_block, init)
 
 
-def _fused_bwd(opts, res, g):
-    h, w, b, y, counted, in_range, lse = res
+def _xla_grads(h, w, b, y, lse, g, *, opts: _Opts, tile: int):
+    """``(d hidden in the compute dtype, d weight, d bias)`` from recomputed
+    tiles; ``g`` is the per-example cotangent (0 where not counted)."""
     (n, d), v = h.shape, w.shape[1]
     acc = compute_dtype(h.dtype)
-    offset = _col_offset(opts, v)
-    eps = opts.smoothing
-    axes = _vma(h) | _vma(w)
-    # Per-row factors of d loss_i / d x_ic = g_i (p_ic (1 + 2 z lse_i) - Y_ic).
-    g = jnp.where(counted, jnp.where(in_range, g.astype(acc), jnp.nan), 0.0)
-    scale = g * (1 + 2 * opts.z_loss * lse)
-    off_target = g * (eps / opts.num_classes)
-    on_target = g * (1 - eps) + off_target
+    block_n, block_v = _blocks(opts.block_size, n, v, tile)
+    on0, off0 = _targets(opts)
+    axes = vma(h) | vma(w)
+    # Per-row factors of d loss_i / d x_ik = g_i (p_ik (1 + 2 z lse_i) - Y_ik).
+    scale0 = 1 + 2 * opts.z_loss * lse
+    filtering = opts.filter_eps is not None
+    # With a filter, d loss_i / d x_ik is formed before the cotangent scales it.
+    factors = (scale0, g) if filtering else (g * scale0, g * on0, g * off0)
+    rows = (y, lse, *factors)
 
     def vocab_block(c0, cw, carry):
         dh, dw, db = carry
 
         def token_chunk(r0, rn, inner):
-            dh, dwb, dbb = inner
             hb, wb, x = _logits_tile(h, w, b, r0, rn, c0, cw, acc)
-            rows = [lax.dynamic_slice_in_dim(a, r0, rn)[:, None] for a in (y, lse)]
-            sc, on, off = (
-                lax.dynamic_slice_in_dim(a, r0, rn)[:, None]
-                for a in (scale, on_target, off_target)
-            )
-            yb, lb = rows
-            cols = offset + c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
-            gx = jnp.exp(x - lb) * sc - jnp.where(cols == yb, on, off)
+            th = None
+            if opts.softcap is not None:
+                x, th = _softcap(x, opts.softcap)
+            yb, lb, *factors = (a[:, None] for a in _slice_rows(rows, r0, rn))
+            cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
+            hit = cols == yb
+            p = jnp.exp(x - lb)
+            kept = None
+            if filtering:
+                sc, gb = factors
+                g0 = p * sc - jnp.where(hit, on0, off0)
+                keep = jnp.logical_not(jnp.abs(g0) < opts.filter_eps)
+                gx = jnp.where(keep, g0, 0.0) * gb
+                kept = jnp.any(keep)
+            else:
+                sc, on, off = factors
+                gx = p * sc - jnp.where(hit, on, off)
+            if th is not None:
+                gx = gx * (1 - th * th)
             # The matmuls run in the input dtype (bf16 stays bf16) with
             # accumulation in `acc`.
             gx = gx.astype(h.dtype)
-            dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
-            dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=acc)
-            dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
-            dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=acc)
-            if dbb is not None:
-                dbb = dbb + jnp.sum(gx, axis=0, dtype=acc)
-            return dh, dwb, dbb
+
+            def update(inner):
+                dh, dwb, dbb = inner
+                dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
+                dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=acc)
+                dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
+                dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=acc)
+                if dbb is not None:
+                    dbb = dbb + jnp.sum(gx, axis=0, dtype=acc)
+                return dh, dwb, dbb
+
+            if kept is None:
+                return update(inner)
+            return lax.cond(kept, update, lambda c: c, inner)
 
         init = (
             dh,
-            _vary(jnp.zeros((d, cw), acc), axes),
-            None if b is None else _vary(jnp.zeros((cw,), acc), axes),
+            vary(jnp.zeros((d, cw), acc), axes),
+            None if b is None else vary(jnp.zeros((cw,), acc), axes),
         )
-        dh, dwb, dbb = _blocked(n, opts.block_n, token_chunk, init)
+        dh, dwb, dbb = _blocked(n, block_n, token_chunk, init)
         dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(w.dtype), c0, 1)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, dbb.astype(b.dtype), c0, 0)
         return dh, dw, db
 
     init = (
-        _vary(jnp.zeros((n, d), acc), axes),
-        _vary(jnp.zeros_like(w), axes),
-        None if b is None else _vary(jnp.zeros_like(b), axes),
+        vary(jnp.zeros((n, d), acc), axes),
+        vary(jnp.zeros_like(w), axes),
+        None if b is None else vary(jnp.zeros_like(b), axes),
     )
-    dh, dw, db = _blocked(v, opts.block_v, vocab_block, init)
-    if opts.axis_name is not None:
-        # Each shard holds the part of d hidden from its own columns.
-        dh = lax.psum(dh, opts.axis_name)
-    return dh.astype(h.dtype), dw, db, None, None, None
+    return _blocked(v, block_v, vocab_block, init)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+# -- "pallas": the Triton kernels of _pallas_linear ------------------------------
+
+
+def _pallas_stats(h, w, b, y, *, opts: _Opts, interpret: bool):
+    if h.shape[0] == 0:
+        empty = jnp.zeros((0,), jnp.float32)
+        am = jnp.zeros((0,), jnp.int32) if opts.aux else None
+        xs = empty if _kernel_options(opts).want_xsum else None
+        return empty, empty, empty, xs, am
+    t = kernels.tiles(h.shape[0], w.shape[1], h.shape[1], opts.block_size)
+    o = _kernel_options(opts)
+    return kernels.row_stats(h, w, b, y, o, t, interpret=interpret)
+
+
+def _pallas_grads(h, w, b, y, lse, g, *, opts: _Opts, interpret: bool):
+    (n, d), v = h.shape, w.shape[1]
+    if n == 0:
+        db = None if b is None else jnp.zeros_like(b)
+        return jnp.zeros((0, d), jnp.float32), jnp.zeros_like(w), db
+    t = kernels.tiles(n, v, d, opts.block_size)
+    o = _kernel_options(opts)
+    lse, g = lse.astype(jnp.float32), g.astype(jnp.float32)
+    dh = kernels.grad_hidden(h, w, b, y, lse, g, o, t, interpret=interpret)
+    chunk = kernels.dw_chunk(d, v, w.dtype, t.block_v)
+    if chunk >= v:
+        dw, db = kernels.grad_weight(h, w, b, y, lse, g, o, t, interpret=interpret)
+        return dh, dw.astype(w.dtype), None if b is None else db.astype(b.dtype)
+
+    # A narrow d weight is accumulated in float32 one vocabulary chunk at a time.
+    def part(c0, cw, carry):
+        dw, db = carry
+        wc = lax.dynamic_slice_in_dim(w, c0, cw, 1)
+        bc = None if b is None else lax.dynamic_slice_in_dim(b, c0, cw)
+        yc = y - jnp.asarray(c0, y.dtype)
+        dwc, dbc = kernels.grad_weight(h, wc, bc, yc, lse, g, o, t, interpret=interpret)
+        dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(w.dtype), c0, 1)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, dbc, c0, 0)
+        return dw, db
+
+    axes = vma(h) | vma(w)
+    init = (
+        vary(jnp.zeros_like(w), axes),
+        None if b is None else vary(jnp.zeros(b.shape, jnp.float32), axes),
+    )
+    dw, db = _blocked(v, chunk, part, init)
+    return dh, dw, None if b is None else db.astype(b.dtype)
+
+
+# -- the plain twin: materialized logits, plain autodiff --------------------------
+
+
+def _materialized(h, w, b, y, counted, in_range, axis_name, opts: _Opts):
+    """The loss of :func:`_fused` on materialized ``[N, V]`` logits in plain JAX
+    (no ``custom_vjp``; forward mode works), with the same outputs.
+
+    ``filter_eps`` is applied by substitution: dropped logits enter the loss
+    through ``stop_gradient``, so the value is exact and the gradient has the
+    dropped entries of ``d loss / d x`` at zero.
+    """
+    acc = compute_dtype(h.dtype)
+    v = w.shape[1]
+    x = jnp.matmul(h, w, preferred_element_type=acc)
+    if b is not None:
+        x = x + b.astype(acc)
+    if opts.softcap is not None:
+        x = _softcap(x, opts.softcap)[0]
+    cols = _col_offset(axis_name, v) + jnp.arange(v, dtype=jnp.int32)
+    hit = cols[None, :] == y[:, None]
+    total = (lambda a: a) if axis_name is None else (lambda a: lax.psum(a, axis_name))
+
+    def normalizer(x):
+        m = jnp.max(x, axis=1)
+        if axis_name is not None:
+            m = lax.pmax(m, axis_name)
+        m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0.0, m))
+        s = total(jnp.sum(jnp.exp(x - m[:, None]), axis=1))
+        return m + jnp.log(jnp.where(s == 0, 1.0, s))
+
+    lse = normalizer(x)
+    if opts.filter_eps is not None:
+        on0, off0 = _targets(opts)
+        ls = lax.stop_gradient(lse)[:, None]
+        g0 = jnp.exp(lax.stop_gradient(x) - ls) * (1 + 2 * opts.z_loss * ls)
+        g0 = g0 - jnp.where(hit, on0, off0)
+        keep = jnp.logical_not(jnp.abs(g0) < opts.filter_eps)
+        x = jnp.where(keep, x, lax.stop_gradient(x))
+        lse = normalizer(x)
+    eps = opts.smoothing
+    loss = lse + opts.z_loss * lse**2
+    loss = loss - (1 - eps) * total(jnp.sum(jnp.where(hit, x, 0.0), axis=1))
+    if eps > 0:
+        loss = loss - (eps / opts.num_classes) * total(jnp.sum(x, axis=1))
+    loss = jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
+    aux = None
+    if opts.aux:
+        am = jnp.argmax(x, axis=1).astype(jnp.int32) + _col_offset(axis_name, v)
+        if axis_name is not None:
+            m = jnp.max(x, axis=1)
+            am = kernels.global_argmax(m, lax.pmax(m, axis_name), am, axis_name)
+        aux = (lax.stop_gradient(lse), am)
+    return loss, aux
+
+
+_LINEAR = Rule(_fused, _materialized, diff=(0, 1, 2), exclude=6)
