@@ -1,6 +1,18 @@
 """Fused linear + cross-entropy: equality with materialized logits (values and
-gradients for every option), second-order gradients, edge cases, dtypes and the
-absence of an N x V buffer in the compiled program."""
+gradients for every option), second-order gradients, edge cases, dtypes, the
+absence of an N x V buffer in the compiled program, and the platform choices
+made at lowering.
+
+By default this runs ``implementation=None`` (the XLA loops on CPU). With
+``JAXENT_TEST_LINEAR_IMPLEMENTATION=pallas`` (benchmarks/gpu_check.py on a GPU)
+the same tests run the Pallas kernels: inputs are float32 instead of float64
+(the kernels take no float64; the materialized side is computed in float64),
+the XLA tilings some tests pick are left to the kernels' defaults, and the
+second-order test (the kernels have no second derivative) is skipped.
+"""
+
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +22,24 @@ from jax.test_util import check_grads
 
 import jaxent
 from jaxent import reference
-from jaxent._checks import compute_dtype
-from jaxent._linear import linear_softmax_cross_entropy as fused
+from jaxent._linear import LinearCrossEntropyAux
+from jaxent._linear import linear_softmax_cross_entropy as _public
+from jaxent._numerics import compute_dtype
 from tests.helpers import assert_close, int_labels, logits
+
+IMPLEMENTATION = os.environ.get("JAXENT_TEST_LINEAR_IMPLEMENTATION") or None
+PALLAS = IMPLEMENTATION == "pallas"
+DTYPE = "float32" if PALLAS else "float64"
+
+
+def fused(hidden, weight, labels, *, block_size=None, **kw):
+    """The loss under test (``block_size`` is an XLA tiling: dropped for the
+    kernels, whose tiles are powers of two)."""
+    kw.setdefault("implementation", IMPLEMENTATION)
+    if PALLAS:
+        block_size = None
+    return _public(hidden, weight, labels, block_size=block_size, **kw)
+
 
 # Eager calls would dispatch the blocked loops op by op: compile them instead.
 jfused = jax.jit(
@@ -21,18 +48,33 @@ jfused = jax.jit(
         "ignore_index",
         "label_smoothing",
         "z_loss",
+        "softcap",
+        "filter_eps",
         "reduction",
         "block_size",
         "axis_name",
+        "implementation",
+        "return_aux",
     ),
 )
 
 
-def naive(hidden, weight, labels, *, bias=None, **kw):
-    """Materialized logits through the plain-JAX reference loss."""
+def _capped(x, softcap):
+    if softcap is None:
+        return x
+    return jnp.where(x == -jnp.inf, -jnp.inf, softcap * jnp.tanh(x / softcap))
+
+
+def naive(hidden, weight, labels, *, bias=None, softcap=None, **kw):
+    """Materialized logits (after ``softcap``) through the plain-JAX reference
+    loss; in float64 when the kernels are under test."""
+    if PALLAS:
+        hidden, weight = hidden.astype(jnp.float64), weight.astype(jnp.float64)
+        bias = None if bias is None else bias.astype(jnp.float64)
     x = jnp.matmul(hidden, weight, preferred_element_type=compute_dtype(hidden.dtype))
     if bias is not None:
         x = x + bias.astype(x.dtype)
+    x = _capped(x, softcap)
     return reference.softmax_cross_entropy_with_integer_labels(x, labels, **kw)
 
 
@@ -47,7 +89,7 @@ def _value_and_grads(f, h, w, b, y, **kw):
     return jax.jit(jax.value_and_grad(scalar, (0, 1, 2)))(h, w, b)
 
 
-def _problem(seed, batch, d, v, dtype="float64"):
+def _problem(seed, batch, d, v, dtype=DTYPE):
     h = logits(seed, (*batch, d), dtype, scale=1.0)
     w = logits(seed + 1, (d, v), dtype, scale=1.0)
     b = logits(seed + 2, (v,), dtype, scale=1.0)
@@ -98,6 +140,7 @@ def test_without_bias(reduction):
     assert got_grads[2] is None
 
 
+@pytest.mark.skipif(PALLAS, reason="the Pallas kernels are first-order only")
 def test_second_order_gradients():
     h, w, b, y = _problem(2, (5,), 3, 7)
     y = y.at[1].set(-1)
@@ -252,6 +295,17 @@ def _bad(name):
         "reduction": ((h, w, y), {"reduction": "avg"}, ValueError, "reduction"),
         "smoothing": ((h, w, y), {"label_smoothing": 2.0}, ValueError, "smoothing"),
         "z_loss": ((h, w, y), {"z_loss": -1.0}, ValueError, "z_loss"),
+        "softcap": ((h, w, y), {"softcap": -1.0}, ValueError, "softcap"),
+        "filter_eps": ((h, w, y), {"filter_eps": 0.0}, ValueError, "filter_eps"),
+        "implementation": (
+            (h, w, y),
+            {"implementation": "cuda"},
+            ValueError,
+            "implementation",
+        ),
+        "return_aux": ((h, w, y), {"return_aux": "yes"}, TypeError, "return_aux"),
+        # A tied [V, D] embedding passed as is: the message says what to pass.
+        "tied embedding": ((h, w.T, y), {}, ValueError, r"embedding\.T"),
     }[name]
 
 
@@ -271,6 +325,11 @@ def _bad(name):
         "reduction",
         "smoothing",
         "z_loss",
+        "softcap",
+        "filter_eps",
+        "implementation",
+        "return_aux",
+        "tied embedding",
     ],
 )
 def test_bad_input_raises_at_trace_time(name):
@@ -289,3 +348,130 @@ def test_reference_version_supports_forward_mode():
     assert_close(fused_call(h), plain(h))
     tangent = jax.jvp(plain, (h,), (jnp.ones_like(h),))[1]
     assert_close(tangent, jnp.sum(jax.grad(fused_call)(h)), kind="grad")
+
+
+SOFTCAP_OPTIONS = [
+    {"softcap": 2.0},
+    {"softcap": 0.5, "label_smoothing": 0.1, "z_loss": 0.01, "ignore_index": 3},
+]
+
+
+@pytest.mark.parametrize("opts", SOFTCAP_OPTIONS, ids=str)
+@pytest.mark.parametrize("block_size", [None, (4, 5)], ids=str)
+def test_softcap_matches_materialized_logits(opts, block_size):
+    h, w, b, y = _problem(12, (2, 5), 3, 24)
+    if "label_smoothing" not in opts:
+        # Masked classes stay masked (smoothing would put mass on them: inf).
+        b = b.at[jnp.array([2, 9], jnp.int32)].set(-jnp.inf)
+        y = jnp.where((y == 2) | (y == 9), 3, y)
+    kw = dict(opts, reduction="mean")
+    want, want_grads = _value_and_grads(naive, h, w, b, y, **kw)
+    got, got_grads = _value_and_grads(fused, h, w, b, y, block_size=block_size, **kw)
+    assert_close(got, want)
+    for g, e in zip(got_grads, want_grads, strict=True):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert_close(g, e, kind="grad")
+
+
+@pytest.mark.skipif(PALLAS, reason="the Pallas kernels are first-order only")
+def test_softcap_second_order_gradients():
+    h, w, b, y = _problem(13, (4,), 3, 9)
+
+    def f(h, w, b):
+        return fused(h, w, y, bias=b, softcap=1.5, z_loss=0.05, block_size=(4, 4))
+
+    check_grads(jax.jit(f), (h, w, b), order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=str)
+def test_aux_lse_and_argmax(softcap):
+    # Two equal, dominant columns in different vocab blocks: ties go to the
+    # lower id; lse is the final logits' (after bias and softcap), for every
+    # token, ignored or not, and carries no gradient.
+    h, w, b, y = _problem(14, (3, 4), 5, 30)
+    e0 = jnp.zeros(5, w.dtype).at[0].set(10.0)
+    w = w.at[:, 7].set(e0).at[:, 21].set(e0)
+    b = b.at[7].set(0.0).at[21].set(0.0)
+    h = h.at[1].set(jnp.ones((4, 5), h.dtype).at[:, 1:].set(0.0))
+    kw = dict(softcap=softcap, ignore_index=int(y[0, 0]), block_size=(5, 8))
+    loss, aux = jfused(h, w, y, bias=b, return_aux=True, **kw)
+    assert isinstance(aux, LinearCrossEntropyAux)
+    x = _capped(jnp.einsum("...d,dv->...v", h, w) + b, softcap)
+    assert_close(aux.lse, jax.nn.logsumexp(x, axis=-1))
+    np.testing.assert_array_equal(aux.argmax, jnp.argmax(x, axis=-1))
+    assert aux.argmax.dtype == jnp.int32 and bool(jnp.all(aux.argmax[1] == 7))
+    assert_close(loss, jfused(h, w, y, bias=b, **kw))
+
+    def total(h):
+        _, aux = fused(h, w, y, bias=b, return_aux=True, **kw)
+        return jnp.sum(aux.lse) + jnp.sum(aux.argmax.astype(h.dtype))
+
+    assert not bool(jnp.any(jax.jit(jax.grad(total))(h)))
+
+
+def test_filter_eps_matches_twin_and_bounds_error():
+    # Peaked logits (hidden states along their label's column): most entries of
+    # d loss / d x are below eps and are dropped; the loss stays exact.
+    n, d, v, eps = 12, 6, 40, 1e-3
+    _, w, b, y = _problem(15, (n,), d, v)
+    h = 5.0 * w.T[y] / jnp.linalg.norm(w.T[y], axis=1, keepdims=True)
+    kw = dict(reduction="sum", block_size=(4, 8), z_loss=1e-3)
+    exact, exact_grads = _value_and_grads(fused, h, w, b, y, **kw)
+    got, grads = _value_and_grads(fused, h, w, b, y, filter_eps=eps, **kw)
+    twin, twin_grads = _value_and_grads(
+        reference.linear_softmax_cross_entropy, h, w, b, y, filter_eps=eps, **kw
+    )
+    assert_close(got, exact)
+    assert_close(twin, exact)
+    for g, e in zip(grads, twin_grads, strict=True):
+        assert_close(g, e, kind="grad")
+    # _value_and_grads's cotangent of example i is 1 + cos(loss_i), at most 2.
+    dh, dw, db = (jnp.abs(g - e) for g, e in zip(grads, exact_grads, strict=True))
+    tol = 1e-5 if PALLAS else 1e-12
+    assert bool(jnp.all(dh <= 2 * eps * jnp.sum(jnp.abs(w), axis=1) + tol))
+    assert bool(jnp.all(dw <= 2 * eps * jnp.sum(jnp.abs(h), axis=0)[:, None] + tol))
+    assert bool(jnp.all(db <= 2 * eps * n + tol))
+    assert float(jnp.max(dw)) > 0  # something was dropped
+
+
+def test_reference_twin_forward_mode_with_new_options():
+    h, w, b, y = _problem(16, (5,), 4, 10, "float64")
+    y = y.at[1].set(-100)
+    kw = dict(softcap=2.0, label_smoothing=0.1, ignore_index=-100, reduction="mean")
+
+    def plain(h):
+        return reference.linear_softmax_cross_entropy(h, w, y, bias=b, **kw)
+
+    tangent = jax.jvp(plain, (h,), (jnp.ones_like(h),))[1]
+    grad = jax.grad(
+        lambda h: jaxent.linear_softmax_cross_entropy(h, w, y, bias=b, **kw)
+    )
+    assert_close(tangent, jnp.sum(grad(h)), kind="grad")
+    # Ignored rows get finite zero gradients from the twin (no 0 * nan).
+    dh = jax.grad(plain)(h)
+    assert bool(jnp.all(jnp.isfinite(dh))) and not bool(jnp.any(dh[1]))
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_xla_tile_is_chosen_at_lowering(platform):
+    # One trace, lowered for each platform: tiles of 2^20 logits on CPU
+    # (512 x 2048 here), 2^24 elsewhere (all 8192 tokens x 2048 classes).
+    n, d, v = 8192, 8, 4096
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def loss(h, w, y):
+        return _public(h, w, y, reduction="sum", implementation="xla")
+
+    text = (
+        jax.jit(jax.grad(loss, (0, 1)))
+        .trace(*args)
+        .lower(lowering_platforms=(platform,))
+        .as_text()
+    )
+    rows = set(re.findall(r"dot_general.*-> tensor<(\d+)x2048xf32>", text))
+    rows -= {str(d)}  # d weight's [D, block_v] products
+    assert rows == ({"512"} if platform == "cpu" else {"8192"})
