@@ -11,6 +11,7 @@ from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from ._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
+from ._distill import softmax_generalized_jsd as softmax_generalized_jsd
 from ._divergence import cross_entropy as cross_entropy
 from ._divergence import entropy as entropy
 from ._divergence import kl_divergence as kl_divergence
@@ -38,5 +39,6 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "softmax_entropy",
+    "softmax_generalized_jsd",
     "softmax_kl_divergence",
 ]

@@ -24,6 +24,7 @@ from ._args import (
     check_fraction,
     check_index,
     check_nonnegative,
+    check_positive,
     check_reduction,
     check_same_shape,
     describe,
@@ -37,6 +38,7 @@ from ._numerics import (
     mul0_nonneg,
     mul0_nonpos,
     sum_to_shape,
+    tempered,
     upcast,
 )
 from ._reduction import count_rows, reduce_loss
@@ -61,6 +63,7 @@ class _Opts(NamedTuple):
     z_loss: float
     ignore_index: int | None
     axis_name: Hashable | None
+    temperature: float = 1.0  # divides the logits (soft labels only)
 
 
 def _class_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -254,7 +257,7 @@ def _target_logit(opts, x, xf, m, labels) -> jax.Array:
 
 def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
     axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
-    xf = upcast(x, cmask)
+    xf = tempered(upcast(x, cmask), opts.temperature)
     dtype = xf.dtype
     n_local = _num_local(x.shape, axes)
     m, ls = normalizer(xf, axes, name)
@@ -314,11 +317,12 @@ def _softmax_ce_fwd(opts, x, dense, labels, weights, cmask):
 
 
 def _softmax_ce_bwd(opts, res: _CERes, g):
-    xf = upcast(res.x, res.cmask)
+    xf = tempered(upcast(res.x, res.cmask), opts.temperature)
     coef = jnp.expand_dims(g, opts.axes)
     if res.rowscale is not None:
         coef = coef * res.rowscale
-    dx = _ce_dlogits(opts, res, xf, coef)
+    # The logits' gradient gets 1 / T (they enter divided by T); the labels' not.
+    dx = _ce_dlogits(opts, res, xf, tempered(coef, opts.temperature))
     d_dense = None if res.dense is None else _ce_dlabels(opts, res, xf, coef)
     d_weights = None if res.weights is None else _ce_dweights(opts, res, xf, coef)
     return dx, d_dense, None, d_weights, None
@@ -426,7 +430,7 @@ def _softmax_ce_plain(opts, x, dense, labels, weights, cmask):
     """The same loss in plain JAX, with the explicit (smoothed, weighted)
     target ``Y`` built as an array."""
     axes, eps, name = opts.axes, opts.label_smoothing, opts.axis_name
-    xf = upcast(x, cmask)
+    xf = tempered(upcast(x, cmask), opts.temperature)
     dtype = xf.dtype
     admissible = jnp.ones(x.shape, dtype)
     if cmask is not None:
@@ -480,14 +484,19 @@ def softmax_cross_entropy(
     z_loss: float = 0.0,
     reduction: str = "none",
     axis_name: Hashable | None = None,
+    temperature: float = 1.0,
 ) -> jax.Array:
     r"""Softmax cross-entropy with probability (one-hot or soft) labels.
 
     .. math:: \ell = -\sum_c y_c \log \mathrm{softmax}(x)_c
-        = \Big(\sum_c y_c\Big) \log\sum_k e^{x_k} - \sum_c y_c x_c
+        = \Big(\sum_c y_c\Big) \log\sum_k e^{x_k} - \sum_c y_c x_c,
+        \quad x = \mathrm{logits} / T
 
     with smoothed labels ``y = (1 - label_smoothing) * labels + label_smoothing / C``
-    (as in PyTorch) and ``z_loss * logsumexp(x)**2`` added per example.
+    (as in PyTorch) and ``z_loss * logsumexp(x)**2`` added per example. The
+    temperature ``T`` divides the logits first: smoothing and z-loss apply to the
+    tempered logits ``x``. No ``T**2`` factor is applied (distillation recipes
+    multiply the loss by ``T**2`` themselves).
 
     Args:
       logits: floating array ``[..., C, ...]``.
@@ -501,6 +510,7 @@ def softmax_cross_entropy(
       reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted
         examples; 0 if none is counted).
       axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+      temperature: ``T``, a static Python float > 0 dividing the logits.
 
     Returns:
       the batch-shaped losses (``"none"``) or a scalar, in the logits' dtype.
@@ -514,11 +524,12 @@ def softmax_cross_entropy(
       [0.2761 2.9518]
 
     Note:
-      Gradient w.r.t. logits ``softmax(x) * sum(y) - y``; w.r.t. labels
-      ``-(1 - label_smoothing) * log_softmax(x)``. A ``-inf`` logit under a zero
-      label contributes 0 to the value and both gradients; a positive label on a
-      ``-inf`` logit gives ``+inf``. ``+inf``/NaN logits give NaN. Not usable with
-      ``jax.jvp`` (custom_vjp): use :mod:`jaxent.reference` for forward mode.
+      Gradient w.r.t. logits ``(softmax(x) * (sum(y) + 2 z_loss lse) - y) / T``;
+      w.r.t. labels ``-(1 - label_smoothing) * log_softmax(x)``. A ``-inf`` logit
+      under a zero label contributes 0 to the value and both gradients; a
+      positive label on a ``-inf`` logit gives ``+inf``. ``+inf``/NaN logits give
+      NaN. Not usable with ``jax.jvp`` (custom_vjp): use :mod:`jaxent.reference`
+      for forward mode.
     """
     fn = "softmax_cross_entropy"
     x = as_float(fn, "logits", logits)
@@ -526,6 +537,7 @@ def softmax_cross_entropy(
     check_same_shape(fn, "labels", labels, "logits", x)
     axes = canonical_axes(fn, axis, x.ndim)
     opts = _options(fn, axes, axes, label_smoothing, z_loss, reduction, None, axis_name)
+    opts = opts._replace(temperature=check_positive(fn, "temperature", temperature))
     cmask = loss_mask(fn, where, x.shape, axes)
     loss = impl(_SOFTMAX_CE)(opts, x, labels, None, None, cmask)
     keep = None if cmask is None else has_class(cmask, axes, axis_name)

@@ -16,6 +16,7 @@ from ._args import (
     canonical_axes,
     check_axis_name,
     check_base,
+    check_positive,
     check_reduction,
     check_same_shape,
     class_mask,
@@ -23,7 +24,7 @@ from ._args import (
 )
 from ._backend import fusion_barrier
 from ._define import Rule, loss
-from ._numerics import dweight, mul0, mul0_nonpos, safe_log, upcast
+from ._numerics import dweight, mul0, mul0_nonpos, safe_log, tempered, upcast
 from ._reduction import reduce_loss
 from ._softmax import (
     class_sum,
@@ -353,11 +354,13 @@ def softmax_entropy(
     where: ArrayLike | None = None,
     base: float | None = None,
     axis_name: Hashable | None = None,
+    temperature: float = 1.0,
 ) -> jax.Array:
-    r"""Entropy of ``softmax(logits)``, computed stably from the logits.
+    r"""Entropy of ``softmax(logits / temperature)``, computed stably from the
+    logits.
 
     .. math:: H = -\sum_c p_c \log p_c = \mathrm{lse}(x) - \sum_c p_c x_c,
-        \quad p = \mathrm{softmax}(x)
+        \quad p = \mathrm{softmax}(x), \ x = \mathrm{logits} / T
 
     Args:
       logits: floating array ``[..., C, ...]``.
@@ -366,6 +369,7 @@ def softmax_entropy(
         (an excluded example has entropy 0).
       base: logarithm base (``None``: nats, ``2``: bits).
       axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+      temperature: ``T``, a static Python float > 0 dividing the logits.
 
     Returns:
       the batch-shaped entropies, in the logits' dtype.
@@ -376,8 +380,8 @@ def softmax_entropy(
       Array(1., dtype=float32)
 
     Note:
-      Gradient ``-p * (log p + H)``, zero at ``-inf``/masked entries. Finite for
-      any finite or ``-inf`` logits (a row of all ``-inf`` has entropy 0);
+      Gradient ``-p * (log p + H) / T``, zero at ``-inf``/masked entries. Finite
+      for any finite or ``-inf`` logits (a row of all ``-inf`` has entropy 0);
       ``+inf``/NaN logits give NaN. Not usable with ``jax.jvp``; use
       :mod:`jaxent.reference` for forward mode.
     """
@@ -386,17 +390,18 @@ def softmax_entropy(
     axes = canonical_axes(fn, axis, x.ndim)
     check_axis_name(fn, axis_name, axes)
     mask = loss_mask(fn, where, x.shape, axes)
-    h = impl(_SOFTMAX_ENTROPY)(x, mask, axes, axis_name)
+    temperature = check_positive(fn, "temperature", temperature)
+    h = impl(_SOFTMAX_ENTROPY)(x, mask, axes, axis_name, temperature)
     return _in_base(h, check_base(fn, base)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _softmax_entropy(x, mask, axes, axis_name):
-    return _softmax_entropy_fwd(x, mask, axes, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _softmax_entropy(x, mask, axes, axis_name, temperature):
+    return _softmax_entropy_fwd(x, mask, axes, axis_name, temperature)[0]
 
 
-def _softmax_entropy_fwd(x, mask, axes, axis_name):
-    xf = upcast(x, mask)
+def _softmax_entropy_fwd(x, mask, axes, axis_name, temperature):
+    xf = tempered(upcast(x, mask), temperature)
     m, ls = normalizer(xf, axes, axis_name)
     xs = shifted(xf, m)
     # xs <= 0 (-inf where excluded) and p > 0 only where xs is finite, so
@@ -407,22 +412,24 @@ def _softmax_entropy_fwd(x, mask, axes, axis_name):
     return jnp.squeeze(h, axes), (x, mask, m, ls, h)
 
 
-def _softmax_entropy_bwd(axes, axis_name, res, g):
+def _softmax_entropy_bwd(axes, axis_name, temperature, res, g):
     # The barrier keeps XLA:CPU from sharing the forward's N x C softmax with
     # this pass, which would write it to memory.
     x, m, ls, h = fusion_barrier((res[0], *res[2:]))
     mask = res[1]
-    xf = upcast(x, mask)
+    xf = tempered(upcast(x, mask), temperature)
     p = probs(xf, m, ls)
-    dx = -jnp.expand_dims(g, axes) * mul0(p, (xf - m) - ls + h)
+    g = tempered(jnp.expand_dims(g, axes), temperature)
+    dx = -g * mul0(p, (xf - m) - ls + h)
     return dx.astype(x.dtype), None
 
 
 _softmax_entropy.defvjp(_softmax_entropy_fwd, _softmax_entropy_bwd)
 
 
-def _softmax_entropy_plain(x, mask, axes, axis_name):
-    logp = plain_log_softmax(upcast(x, mask), mask, axes, axis_name)
+def _softmax_entropy_plain(x, mask, axes, axis_name, temperature):
+    xf = tempered(upcast(x, mask), temperature)
+    logp = plain_log_softmax(xf, mask, axes, axis_name)
     p = jnp.exp(logp)
     p_logp = p * jnp.where((p == 0) & jnp.isinf(logp), 0.0, logp)
     return -jnp.squeeze(plain_sum(p_logp, axes, axis_name), axes)
@@ -441,11 +448,17 @@ def softmax_kl_divergence(
     where: ArrayLike | None = None,
     reduction: str = "none",
     axis_name: Hashable | None = None,
+    temperature: float = 1.0,
 ) -> jax.Array:
-    r"""``KL(softmax(target_logits) || softmax(logits))``, for distillation.
+    r"""``KL(softmax(target_logits / T) || softmax(logits / T))``, for
+    distillation.
 
     .. math:: \mathrm{KL} = \sum_c q_c (\log q_c - \log p_c),
-        \quad p = \mathrm{softmax}(x),\ q = \mathrm{softmax}(t)
+        \quad p = \mathrm{softmax}(x / T),\ q = \mathrm{softmax}(t / T)
+
+    The divergence at temperature ``T``, with no hidden factor: Hinton et al.'s
+    distillation loss multiplies it by ``T**2`` (``T**2 * softmax_kl_divergence(
+    x, t, temperature=T)``), which keeps the gradient's scale as ``T`` varies.
 
     Args:
       logits: student logits ``[..., C, ...]``.
@@ -455,6 +468,7 @@ def softmax_kl_divergence(
         (an excluded example gives 0 and does not count in a mean).
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over counted examples).
       axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+      temperature: ``T``, a static Python float > 0 dividing both logits.
 
     Returns:
       the batch-shaped divergences (``"none"``) or a scalar, in the logits' dtype.
@@ -466,11 +480,11 @@ def softmax_kl_divergence(
       Array([0.], dtype=float32)
 
     Note:
-      Gradient w.r.t. ``logits`` is exactly ``softmax(logits) -
-      softmax(target_logits)``; w.r.t. ``target_logits`` it is ``q * (log q -
-      log p - KL)``. A ``-inf`` target logit adds 0; a ``-inf`` student logit
-      under positive target mass gives ``+inf``. Not usable with ``jax.jvp``;
-      use :mod:`jaxent.reference` for forward mode.
+      Gradient w.r.t. ``logits`` is exactly ``(p - q) / T``; w.r.t.
+      ``target_logits`` it is ``q * (log q - log p - KL) / T``. A ``-inf`` target
+      logit adds 0; a ``-inf`` student logit under positive target mass gives
+      ``+inf``. Not usable with ``jax.jvp``; use :mod:`jaxent.reference` for
+      forward mode.
     """
     fn = "softmax_kl_divergence"
     x, t, axes = _prepare_pair(
@@ -479,14 +493,15 @@ def softmax_kl_divergence(
     check_reduction(fn, reduction)
     check_axis_name(fn, axis_name, axes)
     mask = loss_mask(fn, where, x.shape, axes)
-    kl = impl(_SOFTMAX_KL)(x, t, mask, axes, axis_name)
+    temperature = check_positive(fn, "temperature", temperature)
+    kl = impl(_SOFTMAX_KL)(x, t, mask, axes, axis_name, temperature)
     count = kept_count(mask, axes, kl.shape, axis_name)
     return reduce_loss(kl, reduction, count).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _softmax_kl(x, t, mask, axes, axis_name):
-    return _softmax_kl_fwd(x, t, mask, axes, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _softmax_kl(x, t, mask, axes, axis_name, temperature):
+    return _softmax_kl_fwd(x, t, mask, axes, axis_name, temperature)[0]
 
 
 def _kl_terms(xf, tf, mx, lsx, mt, lst, q):
@@ -495,8 +510,9 @@ def _kl_terms(xf, tf, mx, lsx, mt, lst, q):
     return mul0(q, (tf - mt) - lst) - mul0(q, (xf - mx) - lsx)
 
 
-def _softmax_kl_fwd(x, t, mask, axes, axis_name):
-    xf, tf = upcast(x, mask), upcast(t, mask)
+def _softmax_kl_fwd(x, t, mask, axes, axis_name, temperature):
+    xf = tempered(upcast(x, mask), temperature)
+    tf = tempered(upcast(t, mask), temperature)
     mx, lsx = normalizer(xf, axes, axis_name)
     mt, st = max_sumexp(tf, axes, axis_name)
     lst = jnp.log(jnp.maximum(st, 1.0))
@@ -517,17 +533,18 @@ def _softmax_kl_fwd(x, t, mask, axes, axis_name):
     return jnp.squeeze(kl, axes), (x, t, mask, mx, lsx, mt, lst, kl, mass)
 
 
-def _softmax_kl_bwd(axes, axis_name, res, g):
+def _softmax_kl_bwd(axes, axis_name, temperature, res, g):
     x, t, mask, mx, lsx, mt, lst, kl, mass = res
-    g = jnp.expand_dims(g, axes)
+    g = tempered(jnp.expand_dims(g, axes), temperature)
     # Each gradient recomputes softmax(t) in its own pass: the two barriers
     # (distinct operand orders) keep XLA:CPU from sharing one N x C copy of it.
     xa, ta, mxa, lsxa, mta, lsta = fusion_barrier((x, t, mx, lsx, mt, lst))
-    p = probs(upcast(xa, mask), mxa, lsxa)
-    q = probs(upcast(ta, mask), mta, lsta)
+    p = probs(tempered(upcast(xa, mask), temperature), mxa, lsxa)
+    q = probs(tempered(upcast(ta, mask), temperature), mta, lsta)
     dx = g * (p * mass - q)
     tb, xb, mtb, lstb, mxb, lsxb = fusion_barrier((t, x, mt, lst, mx, lsx))
-    xf, tf = upcast(xb, mask), upcast(tb, mask)
+    xf = tempered(upcast(xb, mask), temperature)
+    tf = tempered(upcast(tb, mask), temperature)
     q = probs(tf, mtb, lstb)
     dt = g * (_kl_terms(xf, tf, mxb, lsxb, mtb, lstb, q) - q * kl)
     return dx.astype(x.dtype), dt.astype(t.dtype), None
@@ -536,9 +553,11 @@ def _softmax_kl_bwd(axes, axis_name, res, g):
 _softmax_kl.defvjp(_softmax_kl_fwd, _softmax_kl_bwd)
 
 
-def _softmax_kl_plain(x, t, mask, axes, axis_name):
-    logp = plain_log_softmax(upcast(x, mask), mask, axes, axis_name)
-    logq = plain_log_softmax(upcast(t, mask), mask, axes, axis_name)
+def _softmax_kl_plain(x, t, mask, axes, axis_name, temperature):
+    xf = tempered(upcast(x, mask), temperature)
+    tf = tempered(upcast(t, mask), temperature)
+    logp = plain_log_softmax(xf, mask, axes, axis_name)
+    logq = plain_log_softmax(tf, mask, axes, axis_name)
     q = jnp.exp(logq)
     none = q == 0
     terms = q * jnp.where(none & jnp.isinf(logq), 0.0, logq)

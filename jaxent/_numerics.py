@@ -20,6 +20,13 @@ def upcast(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     return x if mask is None else jnp.where(mask, x, -jnp.inf)
 
 
+def tempered(v: jax.Array, temperature: float) -> jax.Array:
+    """``v / temperature``, or ``v`` itself at temperature 1 (the default then
+    adds no operation to the program). Divides logits on entry to a rule and
+    the cotangent of their gradient: ``d f(x / T) / dx = f'(x / T) / T``."""
+    return v if temperature == 1.0 else v / temperature
+
+
 def dweight(w: jax.Array, v: jax.Array) -> jax.Array:
     """Partial ``v`` of ``w * v`` w.r.t. ``w``, taken as 0 where ``w == 0`` and
     ``v`` is infinite (a log(0) at an entry that carries no weight)."""

@@ -19,7 +19,13 @@ Example:
 
 from __future__ import annotations
 
-from . import _cross_entropy, _divergence, _linear, _softmax  # noqa: F401 (register)
+from . import (  # noqa: F401 (register)
+    _cross_entropy,
+    _distill,
+    _divergence,
+    _linear,
+    _softmax,
+)
 from ._define import REGISTRY
 
 globals().update({name: d.reference for name, d in REGISTRY.items()})

@@ -80,8 +80,10 @@ def ref_softmax(xp, a, o, g):
 
 
 def ref_softmax_cross_entropy(xp, a, o, g):
-    x, y, adm = a["logits"], a["labels"], a.get("where")
+    y, adm = a["labels"], a.get("where")
     eps, z = o.get("label_smoothing", 0.0), o.get("z_loss", 0.0)
+    temp = o.get("temperature", 1.0)
+    x = a["logits"] / temp  # smoothing and z-loss apply to the tempered logits
     xs, ls, m = _normalize(xp, x, adm)
     ones = _ones(xp, x, adm)
     y = xp.where(ones > 0, y, 0)
@@ -95,7 +97,7 @@ def ref_softmax_cross_entropy(xp, a, o, g):
     count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
     value = _reduce(xp, xp.where(kept, loss, 0)[..., 0], o["reduction"], count)
     coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0)
-    dx = coef * (xp.exp(xs - ls) * (s + 2 * z * lse) - big_y)
+    dx = coef * (xp.exp(xs - ls) * (s + 2 * z * lse) - big_y) / temp
     dy = coef * (1 - eps) * xp.where(ones > 0, _dweight(xp, y, ls - xs), 0)
     return value, {"logits": dx, "labels": dy}
 
@@ -238,16 +240,18 @@ def ref_kl_divergence_with_log_targets(xp, a, o, g):
 
 
 def ref_softmax_entropy(xp, a, o, g):
-    xs, ls, _ = _normalize(xp, a["logits"], a.get("where"))
+    temp = o.get("temperature", 1.0)
+    xs, ls, _ = _normalize(xp, a["logits"] / temp, a.get("where"))
     logp = xs - ls
     p = xp.exp(logp)
     h = -xp.sum(_mul0(xp, p, logp), axis=-1, keepdims=True)
-    dx = -g[..., None] * _mul0(xp, p, logp + h) / _base(o)
+    dx = -g[..., None] * _mul0(xp, p, logp + h) / (_base(o) * temp)
     return h[..., 0] / _base(o), {"logits": dx}
 
 
 def ref_softmax_kl_divergence(xp, a, o, g):
-    x, t, adm = a["logits"], a["target_logits"], a.get("where")
+    temp = o.get("temperature", 1.0)
+    x, t, adm = a["logits"] / temp, a["target_logits"] / temp, a.get("where")
     xs, lsx, _ = _normalize(xp, x, adm)
     ts, lst, _ = _normalize(xp, t, adm)
     logp, logq = xs - lsx, ts - lst
@@ -257,12 +261,50 @@ def ref_softmax_kl_divergence(xp, a, o, g):
     kept = xp.sum(_ones(xp, x, adm), axis=-1, keepdims=True) > 0
     count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
     value = _reduce(xp, xp.where(kept, kl, 0)[..., 0], o["reduction"], count)
-    coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0)
+    coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0) / temp
     mass = xp.sum(q, axis=-1, keepdims=True)
     return value, {
         "logits": coef * (xp.exp(logp) * mass - q),
         "target_logits": coef * (terms - q * kl),
     }
+
+
+def ref_softmax_generalized_jsd(xp, a, o, g):
+    """Student ``q = softmax(logits / T)``, teacher ``p = softmax(target_logits /
+    T)``, ``M = beta p + (1 - beta) q``: ``beta KL(p || M) + (1 - beta) KL(q ||
+    M)``, and ``KL(p || q)`` at ``beta = 0``, ``KL(q || p)`` at ``beta = 1``."""
+    beta, temp = o.get("beta", 0.5), o.get("temperature", 1.0)
+    adm = a.get("where")
+    xs, lsx, _ = _normalize(xp, a["logits"] / temp, adm)
+    ts, lst, _ = _normalize(xp, a["target_logits"] / temp, adm)
+    lq, lp = xs - lsx, ts - lst
+    q, p = xp.exp(lq), xp.exp(lp)
+    if beta in (0.0, 1.0):
+        # KL(f || h): f the teacher at beta = 0, the student at beta = 1.
+        lf, lh = (lp, lq) if beta == 0 else (lq, lp)
+        f, h = xp.exp(lf), xp.exp(lh)
+        terms = _mul0(xp, f, lf) - _mul0(xp, f, lh)
+        jsd = xp.sum(terms, axis=-1, keepdims=True)
+        d_h = h * xp.sum(f, axis=-1, keepdims=True) - f  # the predicted side
+        d_f = terms - f * jsd
+        ds, dt = (d_h, d_f) if beta == 0 else (d_f, d_h)
+    else:
+        lm = xp.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
+        lm = xp.where((p == 0) & (q == 0), 0, lm)  # no -inf - -inf below
+        # Log-ratios where the probability is positive (M > 0 there).
+        rq = xp.where(q == 0, 0, lq - lm)
+        rp = xp.where(p == 0, 0, lp - lm)
+        klq = xp.sum(q * rq, axis=-1, keepdims=True)
+        klp = xp.sum(p * rp, axis=-1, keepdims=True)
+        jsd = beta * klp + (1 - beta) * klq
+        ds = (1 - beta) * q * (rq - klq)
+        dt = beta * p * (rp - klp)
+    x = a["logits"]
+    kept = xp.sum(_ones(xp, x, adm), axis=-1, keepdims=True) > 0
+    count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
+    value = _reduce(xp, xp.where(kept, jsd, 0)[..., 0], o["reduction"], count)
+    coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0) / temp
+    return value, {"logits": coef * ds, "target_logits": coef * dt}
 
 
 ORACLES = {

@@ -43,6 +43,8 @@ OPTION_VALUES = {
     "pos_weight": "array",
     "bias": "array",
     "axis": "moved",
+    "temperature": 2.5,
+    "beta": 0.3,
 }
 # Options that select how, not what, or that the sharded tests cover.
 NOT_VALUES = {"reduction", "axis_name"}
@@ -253,6 +255,7 @@ def _bad_inputs(name):
         "block_size": [("block_size not positive", 0)],
         "bias": [("bias of the wrong shape", jnp.ones(CLASSES + 1))],
         "temperature": [("temperature not positive", 0.0)],
+        "beta": [("beta outside [0, 1]", 1.5)],
     }
     for option, cases in checks.items():
         if option in params:
