@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 from jax import lax
+
+from ._sharding import vary, vma
 
 
 def per_platform(cpu: Callable, other: Callable, *args):
@@ -34,5 +37,12 @@ def fusion_barrier(v):
     memory. On GPU it only blocks fusion: softmax KL divergence forward and
     backward at 8192 x 128256 bfloat16 on an H100 took 8.6 ms with it and
     7.3 ms without.
+
+    Inside ``shard_map`` the barrier gives all its outputs the mesh axes any of
+    them varies over; the values are cast so first, so that both branches
+    have one type.
     """
+    leaves, tree = jax.tree.flatten(v)
+    axes = frozenset().union(*(vma(a) for a in leaves))
+    v = tree.unflatten([vary(a, axes) for a in leaves])
     return per_platform(lax.optimization_barrier, _identity, v)
