@@ -243,34 +243,62 @@ def _lowered_for(platform, f, *args):
     return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_lowers_to_triton_kernels_for_cuda():
+EVERY_OPTION = dict(
+    bias=True,
+    where=True,
+    ignore_index=-100,
+    label_smoothing=0.1,
+    z_loss=1e-4,
+    softcap=30.0,
+    filter_eps=1e-4,
+    return_aux=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "kw"),
+    [
+        # Ragged everywhere, every option, d weight in float32 chunks.
+        ("bfloat16", (250, 500, 1000), EVERY_OPTION),
+        # Tiling shapes (no masks), no option.
+        ("float32", (256, 512, 1024), {}),
+    ],
+    ids=["bf16-ragged-all-options", "f32-tiled-plain"],
+)
+def test_lowers_to_triton_kernels_for_cuda(dtype, shape, kw, monkeypatch):
     # Lowering only: works on a CPU-only machine (jaxlib emits the Triton IR in
-    # the custom call's backend config; compiling it needs a GPU).
-    n, d, v = 256, 512, 1000
+    # the custom call's backend config; compiling it to PTX needs the GPU).
+    monkeypatch.setattr(_pallas_linear, "DW_CHUNK_ENTRIES", 500 * 256)
+    n, d, v = shape
+    kw = dict(kw, implementation="pallas", reduction="mean")
     args = (
-        jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
-        jax.ShapeDtypeStruct((v,), jnp.bfloat16),
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((v,), dtype) if kw.pop("bias", False) else None,
         jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((n,), jnp.bool_) if kw.pop("where", False) else None,
     )
-    kw = dict(implementation="pallas", label_smoothing=0.1, softcap=30.0)
 
-    def loss(h, w, b, y):
-        return lce(h, w, y, bias=b, reduction="mean", **kw)
+    def loss(h, w, b, y, where):
+        out = lce(h, w, y, bias=b, where=where, **kw)
+        if kw.get("return_aux"):
+            return out[0].astype(jnp.float32) + jnp.sum(out[1].lse)
+        return out
 
-    def grads(h, w, b, y):
-        return jax.grad(loss, (0, 1, 2))(h, w, b, y)
+    def grads(h, w, b, y, where):
+        return jax.grad(loss, (0, 1))(h, w, b, y, where)
 
     forward = _lowered_for("cuda", loss, *args)
     backward = _lowered_for("cuda", grads, *args)
     names = re.findall(r'name = "(linear_ce_\w+)"', forward)
     assert forward.count(TRITON_CALL) == 1 and names == ["linear_ce_forward"]
-    names = set(re.findall(r'name = "(linear_ce_\w+)"', backward))
-    assert names == {
-        "linear_ce_forward",
-        "linear_ce_grad_hidden",
-        "linear_ce_grad_weight",
-    }
+    names = re.findall(r'name = "(linear_ce_\w+)"', backward)
+    # d weight of bfloat16 in chunks of 256 columns: three full, one ragged.
+    weight_calls = 2 if dtype == "bfloat16" else 1
+    assert sorted(names) == sorted(
+        ["linear_ce_forward", "linear_ce_grad_hidden"]
+        + ["linear_ce_grad_weight"] * weight_calls
+    )
     # On CPU the same program holds no Triton call: the kernels are interpreted.
     assert TRITON_CALL not in _lowered_for("cpu", grads, *args)
 
