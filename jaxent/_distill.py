@@ -58,7 +58,7 @@ def softmax_generalized_jsd(
     .. math:: \mathrm{JSD}_\beta = \beta\, \mathrm{KL}(p \,\|\, M)
         + (1 - \beta)\, \mathrm{KL}(q \,\|\, M)
 
-    as in TRL's ``generalized_jsd_loss`` and Liger's ``LigerFusedLinearJSD``.
+    as in TRL's ``generalized_jsd_loss`` and Liger's ``LigerJSD``.
     ``beta = 0`` is exactly the forward KL ``KL(p || q)`` (what
     :func:`softmax_kl_divergence` computes) and ``beta = 1`` exactly the reverse
     KL ``KL(q || p)``: the formula tends to 0 at both ends, so, as in both
@@ -107,14 +107,16 @@ def softmax_generalized_jsd(
       ``0 < beta < 1`` the divergence stays finite (``M > 0`` wherever ``p`` or
       ``q`` is); at ``beta = 0`` a ``-inf`` student logit under positive teacher
       mass gives ``+inf`` (and at ``beta = 1`` the other way round). ``+inf``/NaN
-      logits give NaN. ``log M`` is ``logaddexp(log beta + log p, log(1 - beta)
-      + log q)``; half precision is computed in float32.
+      logits give NaN. ``log M = logaddexp(log beta + log p, log(1 - beta) +
+      log q)`` enters with its leading term cancelled (the log-ratios are exactly
+      0 where ``p = q``); half precision is computed in float32.
 
       Being a ``jax.custom_vjp``, the loss itself cannot go through
-      ``jax.jvp``/``jax.jacfwd``; use :func:`jaxent.reference.
-      softmax_generalized_jsd` for forward mode. Hessians and forward-over-reverse
-      Hessian-vector products (``jax.jvp(jax.grad(f), ...)``) do work: the rule's
-      backward is plain JAX and never calls the primal.
+      ``jax.jvp``/``jax.jacfwd``; use
+      :func:`jaxent.reference.softmax_generalized_jsd` for forward mode. Hessians
+      and forward-over-reverse Hessian-vector products (``jax.jvp(jax.grad(f),
+      ...)``) do work: the rule's backward is plain JAX and never calls the
+      primal.
     """
     fn = "softmax_generalized_jsd"
     x, t = as_float(fn, "logits", logits), as_float(fn, "target_logits", target_logits)
@@ -145,35 +147,75 @@ class _JSDOpts(NamedTuple):
     temperature: float
 
 
-def _log_ratios(lq, lp, beta):
+def _log_ratios(lq, lp, beta, zero):
     """``(lq - lM, lp - lM)`` elementwise from the two log-probabilities, with
     ``lM = logaddexp(log(beta) + lp, log(1 - beta) + lq)`` cancelled exactly.
 
-    With ``delta = lp - lq``, ``lq - lM = -log1p(beta expm1(delta))`` and
-    ``lp - lM = lq - lM + delta``; for ``delta > 0`` the same with the roles
-    swapped (``expm1`` of ``-|delta|`` never overflows). Both are exactly 0 at
-    ``p = q`` and accurate to a rounding of ``|delta|`` near it, where the
-    divergence is ``O(delta**2)``. Log-probabilities are floored at a quarter of
-    the lowest float, so that a class that is -inf on one side or both (its
-    probability 0 there) gives a large finite ratio, never ``inf - inf``; its
-    products with the zero probability are 0. Select-free, so that the row sums
-    fuse into one pass, and exact in its derivatives at ``delta = 0``.
+    Log-probabilities are floored at a quarter of the lowest float, so that a
+    class that is -inf on one side or both (its probability 0 there) gives a
+    large finite ratio, never ``inf - inf``; its products with the zero
+    probability are 0. ``zero`` is a per-row 0 (keepdims) of the caller's pass
+    (see :func:`_ratios_of_delta`).
     """
-    lo = jnp.finfo(lq.dtype).min / 4
-    delta = jnp.maximum(lp, lo) - jnp.maximum(lq, lo)
-    pos = (delta > 0).astype(delta.dtype)
-    # -|delta| and the weight of the side with the larger probability.
-    r = -jnp.log1p((beta + (1 - 2 * beta) * pos) * jnp.expm1(delta * (1 - 2 * pos)))
-    return r - delta * pos, r + delta * (1 - pos)
+    lo = zero + jnp.finfo(lq.dtype).min / 4
+    return _ratios_of_delta(jnp.maximum(lp, lo) - jnp.maximum(lq, lo), zero, beta)
 
 
-def _jsd_terms(xf, tf, mx, lsx, mt, lst, opts: _JSDOpts):
-    """``(q, p, lq - lM, lp - lM)`` from the tempered logits and their row
-    normalizers."""
-    lq = shifted(xf, mx) - lsx
-    lp = shifted(tf, mt) - lst
-    v, u = _log_ratios(lq, lp, opts.beta)
-    return jnp.exp(lq), jnp.exp(lp), v, u
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _ratios_of_delta(delta, zero, beta):
+    """``(lq - lM, lp - lM)`` as functions of ``delta = lp - lq``.
+
+    ``lq - lM = -log1p(beta expm1(delta))`` and ``lp - lM = lq - lM + delta``;
+    for ``delta > 0`` the same with the roles swapped, so that ``expm1`` sees
+    ``-|delta|`` and never overflows. Both are exactly 0 at ``p = q`` and
+    accurate to a rounding of ``|delta|`` near it, where the divergence is
+    ``O(delta**2)``. The branch is taken with ``sign``, not a select, so that
+    XLA:CPU fuses the row sums over it into one pass; its derivative (the two
+    pieces' kinks at ``delta = 0`` cancel) is given below.
+
+    The constants are offsets of ``zero``, a per-row 0 of the caller's pass:
+    XLA:CPU writes a scalar constant broadcast to N x C to memory when two row
+    sums share it, as the student's and the teacher's would.
+    """
+    one = zero + 1
+    side = (one + jnp.sign(delta)) * (zero + 0.5)  # 1 where p > q, 0 where p < q
+    weight = (zero + beta) + (zero + (1 - 2 * beta)) * side  # the other side's
+    r = -jnp.log1p(weight * jnp.expm1(-jnp.abs(delta)))
+    return r - delta * side, r + delta * (one - side)
+
+
+@_ratios_of_delta.defjvp
+def _ratios_of_delta_jvp(beta, primals, tangents):
+    # d(lp - lM)/d delta = (1 - beta) q / M = (1 - beta) exp(lq - lM); ``zero``
+    # is a constant (its tangent, 0, is not used).
+    v, u = _ratios_of_delta(*primals, beta)
+    du = (1 - beta) * jnp.exp(v) * tangents[0]
+    return (v, u), (du - tangents[0], du)
+
+
+def _side(x, t, mask, stats, opts: _JSDOpts, student: bool, *extra):
+    """``(q, lq - lM)`` (``student``) or ``(p, lp - lM)`` elementwise, from the
+    logits and the row normalizers ``stats = (mx, lsx, mt, lst)``.
+
+    Each use recomputes them in a pass of its own: the barrier, over operands
+    in an order (and with ``extra`` per-row values) that no other pass uses,
+    keeps XLA:CPU from sharing one N x C intermediate between the passes and
+    writing it to memory. Returns the barrier's copy of ``extra`` too.
+    """
+    mx, lsx, mt, lst = stats
+    if student:
+        x, t, mx, lsx, mt, lst, *extra = fusion_barrier(
+            (x, t, mx, lsx, mt, lst, *extra)
+        )
+    else:
+        t, x, mt, lst, mx, lsx, *extra = fusion_barrier(
+            (t, x, mt, lst, mx, lsx, *extra)
+        )
+    lq = shifted(tempered(upcast(x, mask), opts.temperature), mx) - lsx
+    lp = shifted(tempered(upcast(t, mask), opts.temperature), mt) - lst
+    zero = (mx if student else mt) * 0  # finite: m = 0 on an empty row
+    v, u = _log_ratios(lq, lp, opts.beta, zero)
+    return (jnp.exp(lq), v, *extra) if student else (jnp.exp(lp), u, *extra)
 
 
 # For one row, with q = softmax(x / T), p = softmax(t / T), M = beta p +
@@ -190,12 +232,12 @@ def _softmax_jsd(x, t, mask, opts):
 
 def _softmax_jsd_fwd(x, t, mask, opts: _JSDOpts):
     axes, name = opts.axes, opts.axis_name
-    xf = tempered(upcast(x, mask), opts.temperature)
-    tf = tempered(upcast(t, mask), opts.temperature)
-    mx, lsx = normalizer(xf, axes, name)
-    mt, lst = normalizer(tf, axes, name)
-    q, p, v, u = _jsd_terms(xf, tf, mx, lsx, mt, lst, opts)
+    mx, lsx = normalizer(tempered(upcast(x, mask), opts.temperature), axes, name)
+    mt, lst = normalizer(tempered(upcast(t, mask), opts.temperature), axes, name)
+    stats = (mx, lsx, mt, lst)
+    q, v = _side(x, t, mask, stats, opts, True)
     klq = class_sum(q * v, axes, name)
+    p, u = _side(x, t, mask, stats, opts, False)
     klp = class_sum(p * u, axes, name)
     jsd = opts.beta * klp + (1 - opts.beta) * klq
     res = _JSDRes(x, t, mask, mx, lsx, mt, lst, klq, klp)
@@ -203,16 +245,12 @@ def _softmax_jsd_fwd(x, t, mask, opts: _JSDOpts):
 
 
 def _softmax_jsd_bwd(opts: _JSDOpts, res: _JSDRes, g):
-    # The barrier keeps XLA:CPU from sharing the forward's N x C terms with
-    # this pass, which would write them to memory.
-    x, t, mx, lsx, mt, lst, klq, klp = fusion_barrier(
-        (res.x, res.t, res.mx, res.lsx, res.mt, res.lst, res.klq, res.klp)
-    )
-    xf = tempered(upcast(x, res.mask), opts.temperature)
-    tf = tempered(upcast(t, res.mask), opts.temperature)
-    q, p, v, u = _jsd_terms(xf, tf, mx, lsx, mt, lst, opts)
+    x, t, mask = res.x, res.t, res.mask
+    stats = (res.mx, res.lsx, res.mt, res.lst)
     g = tempered(jnp.expand_dims(g, opts.axes), opts.temperature)
+    q, v, klq = _side(x, t, mask, stats, opts, True, res.klq)
     dx = ((1 - opts.beta) * g) * (q * (v - klq))
+    p, u, klp = _side(x, t, mask, stats, opts, False, res.klp)
     dt = (opts.beta * g) * (p * (u - klp))
     return dx.astype(x.dtype), dt.astype(t.dtype), None
 
