@@ -146,10 +146,10 @@ def linear_softmax_cross_entropy(
       matmuls).
     * ``"pallas"``: hand-written Triton kernels (forward; ``d hidden``; ``d
       weight``, see :mod:`jaxent._pallas_linear`) that keep every logits tile
-      on chip. float32, bfloat16 and float16 only; first-order gradients only.
-      On CUDA they are compiled; on any other platform (CPU included) the same
-      kernels run in Pallas interpret mode, which is slow and meant for tests.
-      Their GPU speed has not been measured yet (``benchmarks/gpu_check.py``).
+      on chip. float32, bfloat16 and float16 only. On CUDA they are compiled;
+      on any other platform (CPU included) the same kernels run in Pallas
+      interpret mode, which is slow and meant for tests. Their GPU speed has
+      not been measured yet (``benchmarks/gpu_check.py`` does it).
     * ``None``: the fastest correct path for the platform the program is
       lowered for (a lowering-time choice, so ahead-of-time exports get the
       target's path). Until the kernels are timed on a GPU this is ``"xla"``
@@ -231,9 +231,11 @@ def linear_softmax_cross_entropy(
       that example's loss and gradients (and hence NaN in ``d weight``, as with
       materialized logits); the ``argmax`` of a row holding NaN is unspecified.
       Being a ``jax.custom_vjp``, it cannot be used with ``jax.jvp``/
-      ``jax.jacfwd``; the ``"xla"`` backward is plain JAX, so it can be
-      differentiated again in reverse mode (the ``"pallas"`` one cannot). For
-      forward mode, use ``jaxent.reference.linear_softmax_cross_entropy``.
+      ``jax.jacfwd``; the backward can be differentiated again in reverse mode
+      (it is plain JAX on ``"xla"``; the Pallas kernels have no derivative of
+      their own, so a second-order derivative of ``"pallas"`` differentiates
+      the XLA loops, which compute the same function). For forward mode, use
+      ``jaxent.reference.linear_softmax_cross_entropy``.
     """
     fn = "linear_softmax_cross_entropy"
     h = as_float(fn, "hidden", hidden)
@@ -721,6 +723,22 @@ def _xla_grads(h, w, b, y, lse, g, *, opts: _Opts, tile: int):
 
 
 def _pallas_stats(h, w, b, y, *, opts: _Opts, interpret: bool):
+    return _kernel_stats(opts, interpret, h, w, b, y)
+
+
+# The kernels have no derivative of their own. A second-order derivative
+# (differentiating the forward's statistics and the backward, as JAX does for a
+# custom_vjp's rules) goes through the XLA loops, which compute the same
+# functions: these custom_jvp rules say so.
+
+
+def _xla_tile(interpret: bool) -> int:
+    return _TILE_CPU if interpret else _TILE_ACCELERATOR
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _kernel_stats(opts: _Opts, interpret: bool, h, w, b, y):
+    """Per-token statistics from the Pallas forward kernel."""
     if h.shape[0] == 0:
         empty = jnp.zeros((0,), jnp.float32)
         am = jnp.zeros((0,), jnp.int32) if opts.aux else None
@@ -731,7 +749,19 @@ def _pallas_stats(h, w, b, y, *, opts: _Opts, interpret: bool):
     return kernels.row_stats(h, w, b, y, o, t, interpret=interpret)
 
 
+@_kernel_stats.defjvp
+def _kernel_stats_jvp(opts: _Opts, interpret: bool, primals, tangents):
+    xla = functools.partial(_xla_stats, opts=opts, tile=_xla_tile(interpret))
+    return jax.jvp(xla, primals, tangents)
+
+
 def _pallas_grads(h, w, b, y, lse, g, *, opts: _Opts, interpret: bool):
+    return _kernel_grads(opts, interpret, h, w, b, y, lse, g)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _kernel_grads(opts: _Opts, interpret: bool, h, w, b, y, lse, g):
+    """``(d hidden, d weight, d bias)`` from the Pallas kernels."""
     (n, d), v = h.shape, w.shape[1]
     if n == 0:
         db = None if b is None else jnp.zeros_like(b)
@@ -764,6 +794,12 @@ def _pallas_grads(h, w, b, y, lse, g, *, opts: _Opts, interpret: bool):
     )
     dw, db = _blocked(v, chunk, part, init)
     return dh, dw, None if b is None else db.astype(b.dtype)
+
+
+@_kernel_grads.defjvp
+def _kernel_grads_jvp(opts: _Opts, interpret: bool, primals, tangents):
+    xla = functools.partial(_xla_grads, opts=opts, tile=_xla_tile(interpret))
+    return jax.jvp(xla, primals, tangents)
 
 
 # -- the plain twin: materialized logits, plain autodiff --------------------------

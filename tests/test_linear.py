@@ -7,8 +7,7 @@ By default this runs ``implementation=None`` (the XLA loops on CPU). With
 ``JAXENT_TEST_LINEAR_IMPLEMENTATION=pallas`` (benchmarks/gpu_check.py on a GPU)
 the same tests run the Pallas kernels: inputs are float32 instead of float64
 (the kernels take no float64; the materialized side is computed in float64),
-the XLA tilings some tests pick are left to the kernels' defaults, and the
-second-order test (the kernels have no second derivative) is skipped.
+and the XLA tilings some tests pick are left to the kernels' defaults.
 """
 
 import os
@@ -31,6 +30,9 @@ from tests.helpers import int_labels, logits
 IMPLEMENTATION = os.environ.get("JAXENT_TEST_LINEAR_IMPLEMENTATION") or None
 PALLAS = IMPLEMENTATION == "pallas"
 DTYPE = "float32" if PALLAS else "float64"
+# Finite differences of a float32 loss are noisy: check_grads' float32 defaults
+# fail on the XLA path as well at these inputs.
+GRAD_CHECK = dict(atol=5e-2, rtol=5e-2) if PALLAS else {}
 
 
 def assert_close(actual, expected, dtype=None, **kw):
@@ -149,7 +151,6 @@ def test_without_bias(reduction):
     assert got_grads[2] is None
 
 
-@pytest.mark.skipif(PALLAS, reason="the Pallas kernels are first-order only")
 def test_second_order_gradients():
     h, w, b, y = _problem(2, (5,), 3, 7)
     y = y.at[1].set(-1)
@@ -168,7 +169,7 @@ def test_second_order_gradients():
         )
 
     # One full vocab block and a ragged one.
-    check_grads(jax.jit(f), (h, w, b), order=2, modes=["rev"])
+    check_grads(jax.jit(f), (h, w, b), order=2, modes=["rev"], **GRAD_CHECK)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -387,14 +388,13 @@ def test_softcap_matches_materialized_logits(opts, block_size):
         assert_close(g, e, kind="grad")
 
 
-@pytest.mark.skipif(PALLAS, reason="the Pallas kernels are first-order only")
 def test_softcap_second_order_gradients():
     h, w, b, y = _problem(13, (4,), 3, 9)
 
     def f(h, w, b):
         return fused(h, w, y, bias=b, softcap=1.5, z_loss=0.05, block_size=(4, 4))
 
-    check_grads(jax.jit(f), (h, w, b), order=2, modes=["rev"])
+    check_grads(jax.jit(f), (h, w, b), order=2, modes=["rev"], **GRAD_CHECK)
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=str)

@@ -239,6 +239,25 @@ def test_shard_map_vmap_and_checkpoint():
     assert _lowered_for("cuda", grads, h, w, b).count(TRITON_CALL) == 3
 
 
+def test_second_order_goes_through_the_xla_loops():
+    # The kernels have no derivative: differentiating the backward (a Hessian-
+    # vector product here) uses the XLA loops' derivative, the same function.
+    h, w, b, y, _ = _problem(8, 12, 16, 40, "float32")
+    kw = dict(bias=b, softcap=3.0, z_loss=0.01, label_smoothing=0.1)
+
+    def sq_grad(impl):
+        def f(h, w):
+            return jnp.sum(lce(h, w, y, implementation=impl, **kw))
+
+        def g(h, w):
+            return sum(jnp.sum(d**2) for d in jax.grad(f, (0, 1))(h, w))
+
+        return _jit(jax.grad(g, (0, 1)))(h, w)
+
+    for got, want in zip(sq_grad("pallas"), sq_grad("xla"), strict=True):
+        assert_close(got, want, kind="grad")
+
+
 def _lowered_for(platform, f, *args):
     return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
