@@ -274,7 +274,7 @@ def linear_softmax_cross_entropy(
     blocks = _block_size(fn, block_size)
 
     n, (d, v_local) = int(np.prod(y.shape)), w.shape
-    chosen = _choose(fn, implementation, dtype, d, v_local, blocks)
+    chosen = _choose(fn, implementation, dtype, n, d, v_local, blocks)
     num_classes = v_local * (1 if axis_name is None else lax.axis_size(axis_name))
     opts = _Opts(smoothing, z, cap, eps, num_classes, blocks, chosen, bool(return_aux))
     batch, y = y.shape, y.reshape(n)
@@ -345,7 +345,7 @@ def _block_size(fn: str, block_size) -> tuple[int | None, int] | None:
     return (None, *sizes) if len(sizes) == 1 else sizes
 
 
-def _choose(fn: str, implementation, dtype, d: int, v: int, blocks) -> str:
+def _choose(fn: str, implementation, dtype, n: int, d: int, v: int, blocks) -> str:
     """``"xla"``, ``"pallas"`` or ``"auto"`` (decided at lowering)."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -354,7 +354,7 @@ def _choose(fn: str, implementation, dtype, d: int, v: int, blocks) -> str:
         )
     if implementation == "xla":
         return "xla"
-    why = kernels.unsupported(dtype, d, v, blocks)
+    why = kernels.unsupported(dtype, n, d, v, blocks)
     if implementation == "pallas":
         if why is not None:
             raise ValueError(f"{fn}: implementation='pallas' {why}.")

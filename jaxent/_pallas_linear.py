@@ -551,7 +551,7 @@ def dw_chunk(d: int, v: int, dtype, block_v: int) -> int:
     return min(v, cols)
 
 
-def unsupported(dtype, d: int, v: int, block_size) -> str | None:
+def unsupported(dtype, n: int, d: int, v: int, block_size) -> str | None:
     """Why the kernels cannot take these inputs (None when they can)."""
     if jnp.dtype(dtype) not in DTYPES:
         return (
@@ -560,6 +560,11 @@ def unsupported(dtype, d: int, v: int, block_size) -> str | None:
         )
     if d == 0 or v == 0:
         return f"needs a non-empty `weight`; got shape ({d}, {v})"
+    # The kernels index memory with int32 offsets.
+    if d * v >= 2**31:
+        return f"takes a `weight` of fewer than 2**31 entries; got ({d}, {v})"
+    if n * d >= 2**31:
+        return f"takes a `hidden` of fewer than 2**31 entries; got ({n}, {d})"
     if block_size is not None:
         for s in block_size:
             if s is not None and (s < 16 or s & (s - 1)):

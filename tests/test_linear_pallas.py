@@ -363,26 +363,37 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize(
-    ("kw", "match"),
+    ("kw", "match", "falls_back"),
     [
-        (dict(dtype="float64"), "implementation='pallas'.*float64"),
-        (dict(block_size=(16, 24)), "block_size"),
-        (dict(block_size=8), "block_size"),
-        (dict(implementation="triton"), "implementation"),
-        (dict(softcap=0.0), "softcap"),
-        (dict(filter_eps=-1.0), "filter_eps"),
+        (dict(dtype="float64"), "implementation='pallas'.*float64", True),
+        (dict(block_size=(16, 24)), "block_size", True),
+        (dict(block_size=8), "block_size", True),
+        (dict(shape=(2**16, 2**15)), r"hidden.*2\*\*31", True),
+        (dict(implementation="triton"), "implementation", False),
+        (dict(softcap=0.0), "softcap", False),
+        (dict(filter_eps=-1.0), "filter_eps", False),
     ],
     ids=str,
 )
-def test_unsupported_inputs_raise_or_fall_back(kw, match):
+def test_unsupported_inputs_raise_or_fall_back(kw, match, falls_back, monkeypatch):
     kw = dict(kw)
     dtype = kw.pop("dtype", "float32")
-    h, w, _, y, _ = _problem(7, 4, 3, 6, dtype)
+    n, d = kw.pop("shape", (4, 3))
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, 6), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
     kw.setdefault("implementation", "pallas")
+
+    def loss(h, w, y):
+        return lce(h, w, y, **kw)
+
     with pytest.raises(ValueError, match=match):
-        lce(h, w, y, **kw)
-    if kw["implementation"] == "pallas" and (dtype == "float64" or "block_size" in kw):
-        # What the kernels do not take runs on the XLA path under None.
+        jax.eval_shape(loss, *args)
+    if falls_back:
+        # Under None, what the kernels do not take runs on the XLA path, also
+        # where the kernels would be the default.
+        monkeypatch.setattr(_linear, "_CUDA_DEFAULT", "pallas")
         kw["implementation"] = None
-        kw["block_size"] = (kw.get("block_size") or 4) if dtype == "float32" else 4
-        assert _jit(lambda h, w: lce(h, w, y, **kw))(h, w).shape == (4,)
+        assert TRITON_CALL not in _lowered_for("cuda", loss, *args)
