@@ -15,7 +15,6 @@ logits in plain JAX (the reference twin both are tested against).
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -23,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike
 
 from . import _pallas_linear as kernels
@@ -34,28 +32,29 @@ from ._args import (
     check_fraction,
     check_index,
     check_nonnegative,
-    check_positive,
     check_reduction,
     describe,
 )
 from ._define import Rule, loss
 from ._numerics import compute_dtype
 from ._reduction import reduce_loss
-from ._sharding import is_sharded, replicated, reshard, spec, vary, vma
+from ._sharding import is_sharded, vary, vma
 
-# Default tiling of the "xla" implementation, measured with
-# benchmarks/linear_ce.py --sweep (forward + backward). CPU, N=2048, D=256,
-# V=32768 float32: tiles of 2^20 logits run within ~2% of tiles of 2^21 and below
-# the materialized path's time; at a given tile size 2048-column vocab blocks are
-# the fastest shape (512 columns ~14% slower, 8192 ~8%). H100, N=8192, D=4096,
-# V=128256 bfloat16: each loop step costs a fixed overhead, so tiles of 2^24
-# logits (8192 x 2048: 64 ms) beat 2^20 (157 ms) while 2^25 gains only 3%.
-# Compiled temp memory is about two float32 tiles (the backward's logits and
-# their gradient) plus O(N D). The tile is chosen when the program is lowered
-# (``lax.platform_dependent``), not from the tracing host's backend.
-_TILE_CPU = 2**20
-_TILE_ACCELERATOR = 2**24
-_BLOCK_V = 2048
+# The tiling, the blocked loops and the tile helpers are shared with the fused
+# distillation loss (jaxent/_linear_distill.py): see jaxent/_streaming.py.
+from ._streaming import TILE_ACCELERATOR as _TILE_ACCELERATOR
+from ._streaming import TILE_CPU as _TILE_CPU
+from ._streaming import block_size_arg as _block_size
+from ._streaming import blocked as _blocked
+from ._streaming import blocks as _blocks
+from ._streaming import col_offset as _col_offset
+from ._streaming import common_float as _common_float
+from ._streaming import logits_tile as _logits_tile
+from ._streaming import online_max_sumexp, partitioned
+from ._streaming import optional_positive as _optional_positive
+from ._streaming import slice_rows as _slice_rows
+from ._streaming import softcap as _softcap
+from ._streaming import update_rows as _update_rows
 
 IMPLEMENTATIONS = ("xla", "pallas")
 # What ``implementation=None`` runs when lowered for CUDA. The Pallas kernels
@@ -288,7 +287,9 @@ def linear_softmax_cross_entropy(
     if axis_name is None and any(
         is_sharded(a) for a in (*params, *rest) if a is not None
     ):
-        out, aux = _partitioned(core, params, rest, opts)
+        out, aux = partitioned(
+            lambda *args: core(*args, opts), (*params, *rest), _LAYOUT
+        )
     else:
         out, aux = core(*params, *rest, axis_name, opts)
     out = reduce_loss(out.reshape(batch), reduction, jnp.sum(counted))
@@ -299,9 +300,9 @@ def linear_softmax_cross_entropy(
     return out, LinearCrossEntropyAux(lse, argmax)
 
 
-def _optional_positive(fn: str, name: str, value) -> float | None:
-    """None, or a static finite Python float > 0."""
-    return None if value is None else check_positive(fn, name, value)
+# Layouts of the kernel's arrays (h, w, b, labels, counted, in_range) for
+# :func:`jaxent._streaming.partitioned`.
+_LAYOUT = ("hidden", "weight", "bias", "tokens", "tokens", "tokens")
 
 
 def _check_shapes(fn: str, h, w, y) -> None:
@@ -328,23 +329,6 @@ def _check_shapes(fn: str, h, w, y) -> None:
         )
 
 
-def _block_size(fn: str, block_size) -> tuple[int | None, int] | None:
-    """``block_size`` as ``(block_n or None, block_v)`` (None: the defaults)."""
-    if block_size is None:
-        return None
-    sizes = (block_size,) if np.ndim(block_size) == 0 else tuple(block_size)
-    try:
-        sizes = tuple(operator.index(s) for s in sizes)
-    except TypeError:
-        sizes = ()
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
-        raise ValueError(
-            f"{fn}: `block_size` must be a positive int or a pair of positive "
-            f"ints (block_n, block_v); got {block_size!r}."
-        )
-    return (None, *sizes) if len(sizes) == 1 else sizes
-
-
 def _choose(fn: str, implementation, dtype, n: int, d: int, v: int, blocks) -> str:
     """``"xla"``, ``"pallas"`` or ``"auto"`` (decided at lowering)."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -360,101 +344,6 @@ def _choose(fn: str, implementation, dtype, n: int, d: int, v: int, blocks) -> s
             raise ValueError(f"{fn}: implementation='pallas' {why}.")
         return "pallas"
     return "auto" if _CUDA_DEFAULT == "pallas" and why is None else "xla"
-
-
-def _axes(entry) -> tuple:
-    """Mesh axes of one PartitionSpec entry, as a tuple."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _partitioned(core, params, rest, opts: _Opts):
-    """The kernel on an explicit-sharding mesh, run per shard in ``shard_map``.
-
-    Tokens stay split as ``hidden``'s rows are and the vocabulary as
-    ``weight``'s columns are: each shard streams over its own tile, vocab-
-    parallel over the column axes (per-token all-reduces, and ``d hidden``
-    summed over them). The blocked loops slice the arrays dynamically, which
-    explicit sharding does not allow along a sharded axis.
-    """
-    inputs = tuple(a for a in (*params, *rest) if a is not None)
-    h, w, b = params
-    mesh = replicated(*inputs).mesh
-    cols = _axes(spec(w)[1])
-    rows = tuple(a for a in _axes(spec(h)[0]) if a not in cols)
-    row_spec, col_spec = rows or None, cols or None
-    # A sharded D (the contracted axis) is gathered: each tile needs all of it.
-    h, w, b, *rest = (
-        None if a is None else reshard(a, target, *inputs)
-        for a, target in zip(
-            (h, w, b, *rest),
-            ((row_spec, None), (None, col_spec), (col_spec,), *[(row_spec,)] * 3),
-            strict=True,
-        )
-    )
-    if not rows and not cols:
-        return core(h, w, b, *rest, None, opts)
-    name = None if not cols else cols[0] if len(cols) == 1 else cols
-    P = PartitionSpec
-    kernel = jax.shard_map(
-        lambda h, w, b, rest: core(h, w, b, *rest, name, opts),
-        mesh=mesh,
-        in_specs=(P(row_spec, None), P(None, col_spec), P(col_spec), P(row_spec)),
-        out_specs=P(row_spec),
-    )
-    return kernel(h, w, b, tuple(rest))
-
-
-def _common_float(a, b) -> jnp.dtype:
-    """The wider of two float dtypes (bfloat16 with float16 gives float32),
-    independent of the ``jax_numpy_dtype_promotion`` mode: the caller chose to
-    pass mixed precisions, so no implicit promotion is being hidden."""
-    a, b = jnp.dtype(a), jnp.dtype(b)
-    if a == b or a.itemsize > b.itemsize:
-        return a
-    return b if b.itemsize > a.itemsize else jnp.dtype(jnp.float32)
-
-
-def _blocks(block_size, n: int, v: int, tile: int) -> tuple[int, int]:
-    """Token chunk and vocabulary block of the XLA path for tiles of about
-    ``tile`` logits (see ``block_size``)."""
-    block_n, block_v = (None, None) if block_size is None else block_size
-    if block_v is None:
-        block_v = max(_BLOCK_V, tile // max(n, 1) // 128 * 128)
-    block_v = min(block_v, max(v, 1))
-    if block_n is None:
-        block_n = max(8, tile // block_v // 8 * 8)
-    return min(block_n, max(n, 1)), block_v
-
-
-def _blocked(size: int, block: int, body, carry):
-    """``carry = body(start, width, carry)`` over blocks covering ``[0, size)``.
-
-    Full blocks run in a ``fori_loop`` (a ``scan``, so reverse-differentiable);
-    a ragged last block is traced once more with its own static width.
-    """
-    full, rest = divmod(size, block)
-    if full == 1:
-        carry = body(0, block, carry)
-    elif full > 1:
-        carry = lax.fori_loop(0, full, lambda i, c: body(i * block, block, c), carry)
-    if rest:
-        carry = body(full * block, rest, carry)
-    return carry
-
-
-def _col_offset(axis_name, v_local: int):
-    """Global id of this shard's first column."""
-    if axis_name is None:
-        return 0
-    return lax.axis_index(axis_name).astype(jnp.int32) * v_local
-
-
-def _softcap(x, cap):
-    """``cap * tanh(x / cap)``, ``-inf`` kept (masked classes), and the tanh."""
-    th = jnp.tanh(x / cap)
-    return jnp.where(x == -jnp.inf, -jnp.inf, cap * th), th
 
 
 def _targets(opts: _Opts) -> tuple[float, float]:
@@ -575,29 +464,6 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # -- "xla": blocked loops of XLA ops --------------------------------------------
 
 
-def _logits_tile(h, w, b, r0, rn, c0, cw, acc):
-    """``h[r0:r0+rn] @ w[:, c0:c0+cw] + b[c0:c0+cw]`` accumulated in ``acc``."""
-    hb = lax.dynamic_slice_in_dim(h, r0, rn, 0)
-    wb = lax.dynamic_slice_in_dim(w, c0, cw, 1)
-    x = jnp.matmul(hb, wb, preferred_element_type=acc)
-    if b is not None:
-        x = x + lax.dynamic_slice_in_dim(b, c0, cw).astype(acc)
-    return hb, wb, x
-
-
-def _slice_rows(arrays, r0, rn):
-    return tuple(
-        None if a is None else lax.dynamic_slice_in_dim(a, r0, rn) for a in arrays
-    )
-
-
-def _update_rows(arrays, blocks, r0):
-    return tuple(
-        None if a is None else lax.dynamic_update_slice_in_dim(a, ab, r0, 0)
-        for a, ab in zip(arrays, blocks, strict=True)
-    )
-
-
 def _xla_stats(h, w, b, y, *, opts: _Opts, tile: int):
     """Per-token ``(max, sum-exp, target logit, sum of logits or None, argmax
     or None)`` over this shard's columns (local ids), streamed over tiles."""
@@ -613,11 +479,7 @@ def _xla_stats(h, w, b, y, *, opts: _Opts, tile: int):
                 x = _softcap(x, opts.softcap)[0]
             (yb,) = _slice_rows((y,), r0, rn)
             mb, sb, tb, xb, ab = _slice_rows(carry, r0, rn)
-            bm = jnp.max(x, axis=1)
-            m_new = jnp.maximum(mb, bm)
-            # A row with no finite logit yet keeps shift 0 so exp(-inf - 0) = 0.
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            sb = sb * jnp.exp(mb - shift) + jnp.sum(jnp.exp(x - shift[:, None]), 1)
+            m_new, sb, bm = online_max_sumexp(mb, sb, x)
             cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
             tb = tb + jnp.sum(jnp.where(cols == yb[:, None], x, 0.0), 1)
             if xb is not None:
@@ -769,6 +631,8 @@ def _kernel_grads(opts: _Opts, interpret: bool, h, w, b, y, lse, g):
     t = kernels.tiles(n, v, d, opts.block_size)
     o = _kernel_options(opts)
     lse, g = lse.astype(jnp.float32), g.astype(jnp.float32)
+    if kernels.BACKWARD == "tiles":
+        return _tiles_grads(h, w, b, y, lse, g, o, t, interpret)
     dh = kernels.grad_hidden(h, w, b, y, lse, g, o, t, interpret=interpret)
     chunk = kernels.dw_chunk(d, v, w.dtype, t.block_v)
     if chunk >= v:
@@ -794,6 +658,35 @@ def _kernel_grads(opts: _Opts, interpret: bool, h, w, b, y, lse, g):
     )
     dw, db = _blocked(v, chunk, part, init)
     return dh, dw, None if b is None else db.astype(b.dtype)
+
+
+def _tiles_grads(h, w, b, y, lse, g, o, t, interpret):
+    """The "tiles" backward: per vocabulary chunk, the kernel writes G for all
+    tokens and XLA's matmuls (float32 accumulation) consume it."""
+    (n, d), v = h.shape, w.shape[1]
+    chunk = kernels.g_chunk(n, v, h.dtype, t.block_v)
+
+    def part(c0, cw, carry):
+        dh, dw, db = carry
+        wc = lax.dynamic_slice_in_dim(w, c0, cw, 1)
+        bc = None if b is None else lax.dynamic_slice_in_dim(b, c0, cw)
+        yc = y - jnp.asarray(c0, y.dtype)
+        gc = kernels.grad_logits(h, wc, bc, yc, lse, g, o, t, interpret=interpret)
+        dh = dh + jnp.matmul(gc, wc.T, preferred_element_type=jnp.float32)
+        dwc = jnp.matmul(h.T, gc, preferred_element_type=jnp.float32)
+        dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(w.dtype), c0, 1)
+        if db is not None:
+            dbc = jnp.sum(gc, axis=0, dtype=jnp.float32).astype(b.dtype)
+            db = lax.dynamic_update_slice_in_dim(db, dbc, c0, 0)
+        return dh, dw, db
+
+    axes = vma(h) | vma(w)
+    init = (
+        vary(jnp.zeros((n, d), jnp.float32), axes),
+        vary(jnp.zeros_like(w), axes),
+        None if b is None else vary(jnp.zeros_like(b), axes),
+    )
+    return _blocked(v, chunk, part, init)
 
 
 @_kernel_grads.defjvp

@@ -27,6 +27,16 @@ never storing ``[N, V]``. ``G`` is cast to the input dtype for the MMAs, which
 accumulate in float32 whatever that dtype (``d weight`` summed in bfloat16 makes
 training diverge).
 
+Those two kernels cannot keep their accumulators on chip when ``D`` is large
+(``[block_n, D]`` float32 rows of ``d hidden``, ``[D, block_v]`` columns of ``d
+weight``): they read and write them in memory once per tile, ``N V D (8 /
+block_v + 8 / block_n)`` bytes in all (about 750 GB at the Llama-3-8B head with
+the default tiles, if L2 does not absorb it). ``BACKWARD = "tiles"`` is the
+alternative: :func:`grad_logits` recomputes each tile once and writes ``G`` in
+the input dtype for one vocabulary chunk of all tokens, which XLA's matmuls
+consume (``N V`` entries written and read twice, ~6 GB there; four ``N x V x D``
+matmuls in all). Which is faster is for ``benchmarks/gpu_check.py`` to measure.
+
 Shapes need not tile: block sizes are powers of two >= 16 (Triton's dot), and the
 ragged edges of ``N``, ``V`` and ``D`` are handled by masked loads (``other=0``)
 and stores; a padded vocabulary column is ``-inf`` and a padded token row gets
@@ -60,6 +70,16 @@ TARGET_PROGRAMS = 512
 # chunks of about this many entries (D x chunk), each cast when done, so that
 # the float32 buffer stays bounded (2**26 entries = 256 MiB).
 DW_CHUNK_ENTRIES = 2**26
+# How the backward gets its two matmuls (benchmarks/gpu_check.py times both):
+# "fused": the d hidden and d weight kernels above, each accumulating its float32
+#   output block by block in memory (flash-attention style; no [N, V] array);
+# "tiles": one kernel writes G = d loss / d logits for a vocabulary chunk of all
+#   N tokens in the input dtype, and XLA's matmuls take G @ W_c^T and H^T @ G
+#   (float32 accumulation) before the next chunk: G_CHUNK_BYTES of G at a time.
+# At D = 4096 the "fused" kernels' read-modify-write of float32 accumulators
+# moves far more memory than G does (see grad_hidden), hence the alternative.
+BACKWARD = "fused"
+G_CHUNK_BYTES = 2**27
 # Dtypes the kernels take (Triton has no float64 MMA path here).
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -539,6 +559,51 @@ def grad_weight(h, w, b, y, lse, g, o: Options, t: Tiles, *, interpret: bool):
         name="linear_ce_grad_weight",
     )(*arrays)
     return outs[0], (outs[1] if b is not None else None)
+
+
+def _g_kernel(*refs, dims: _Dims, t: Tiles, o: Options, has_bias):
+    h_ref, w_ref = refs[:2]
+    b_ref = refs[2] if has_bias else None
+    y_ref, lse_ref, g_ref, out_ref = refs[2 + has_bias :]
+    bn, bv = t.block_n, t.block_v
+    r0, c0 = pl.program_id(0) * bn, pl.program_id(1) * bv
+    rows_ok = _in_range(r0, bn, dims.n, dims.n % bn != 0)
+    cols_ok = _in_range(c0, bv, dims.v, dims.v % bv != 0)
+    y, lse, g = _rows(y_ref, lse_ref, g_ref, r0, bn, rows_ok)
+    x = _logits(h_ref, w_ref, b_ref, r0, c0, dims, t)
+    cols = c0 + jnp.arange(bv, dtype=jnp.int32)[None, :]
+    grad, _ = _tile_grad(x, cols, y, lse, g, rows_ok, cols_ok, o)
+    mask = _mask(
+        None if rows_ok is None else rows_ok[:, None],
+        None if cols_ok is None else cols_ok[None, :],
+    )
+    _store(out_ref, (pl.ds(r0, bn), pl.ds(c0, bv)), grad.astype(out_ref.dtype), mask)
+
+
+def grad_logits(h, w, b, y, lse, g, o: Options, t: Tiles, *, interpret: bool):
+    """``G = d loss / d logits`` (``[N, V]`` in ``h``'s dtype) of the per-token
+    losses with cotangent ``g``, one recomputed tile per program (the "tiles"
+    backward calls it on one vocabulary chunk at a time)."""
+    (n, d), v = h.shape, w.shape[1]
+    arrays = (h, w, *(() if b is None else (b,)), _local(y, v), lse, g)
+    kernel = functools.partial(
+        _g_kernel, dims=_Dims(n, v, d), t=t, o=o, has_bias=b is not None
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(_cdiv(n, t.block_n), _cdiv(v, t.block_v)),
+        out_shape=_out((n, v), h.dtype, *arrays),
+        compiler_params=_params(t),
+        interpret=interpret,
+        name="linear_ce_grad_logits",
+    )(*arrays)
+
+
+def g_chunk(n: int, v: int, dtype, block_v: int) -> int:
+    """Vocabulary columns of G per step of the "tiles" backward: about
+    ``G_CHUNK_BYTES`` of it, a multiple of ``block_v``."""
+    cols = G_CHUNK_BYTES // max(n * jnp.dtype(dtype).itemsize, 1)
+    return min(v, max(block_v, cols // block_v * block_v))
 
 
 def dw_chunk(d: int, v: int, dtype, block_v: int) -> int:

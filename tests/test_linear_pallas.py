@@ -114,8 +114,13 @@ def _compare(h, w, b, y, cot, dtype, **kw):
         ("bfloat16", dict(softcap=2.0, label_smoothing=0.1, bias=None)),
         # Gradient filtering with softcap, z-loss and masked (-inf) classes.
         ("float32", dict(filter_eps=2e-3, softcap=3.0, z_loss=1e-3, masked=True)),
+        # The "tiles" backward (G by vocabulary chunks, XLA's matmuls).
+        (
+            "bfloat16",
+            dict(backward="tiles", ignore_index=3, label_smoothing=0.1, z_loss=0.01),
+        ),
     ],
-    ids=["options-f32", "softcap-bf16", "filter-f32"],
+    ids=["options-f32", "softcap-bf16", "filter-f32", "tiles-bf16"],
 )
 def test_matches_xla_and_reference(dtype, kw, monkeypatch):
     kw = dict(kw)
@@ -131,8 +136,11 @@ def test_matches_xla_and_reference(dtype, kw, monkeypatch):
         kw["where"] = jnp.asarray(np.random.default_rng(9).uniform(size=y.shape) > 0.3)
     if dtype != "float32":
         # A narrow d weight is accumulated in float32 by vocabulary chunks: make
-        # them 32 columns (two full chunks and a ragged one).
+        # them 32 columns (two full chunks and a ragged one); likewise for the
+        # chunks of G of the "tiles" backward.
         monkeypatch.setattr(_pallas_linear, "DW_CHUNK_ENTRIES", 20 * 32)
+        monkeypatch.setattr(_pallas_linear, "G_CHUNK_BYTES", 53 * 2 * 32)
+    monkeypatch.setattr(_pallas_linear, "BACKWARD", kw.pop("backward", "fused"))
     reduction = "mean" if "ignore_index" in kw else "none"
     _compare(h, w, b, y, cot, dtype, reduction=reduction, block_size=(16, 16), **kw)
 
@@ -281,13 +289,19 @@ EVERY_OPTION = dict(
         ("bfloat16", (250, 500, 1000), EVERY_OPTION),
         # Tiling shapes (no masks), no option.
         ("float32", (256, 512, 1024), {}),
+        # The "tiles" backward, G in chunks of 512 columns (one full, one ragged).
+        ("bfloat16", (250, 500, 1000), dict(EVERY_OPTION, backward="tiles")),
     ],
-    ids=["bf16-ragged-all-options", "f32-tiled-plain"],
+    ids=["bf16-ragged-all-options", "f32-tiled-plain", "bf16-tiles-backward"],
 )
 def test_lowers_to_triton_kernels_for_cuda(dtype, shape, kw, monkeypatch):
     # Lowering only: works on a CPU-only machine (jaxlib emits the Triton IR in
     # the custom call's backend config; compiling it to PTX needs the GPU).
     monkeypatch.setattr(_pallas_linear, "DW_CHUNK_ENTRIES", 500 * 256)
+    monkeypatch.setattr(_pallas_linear, "G_CHUNK_BYTES", 250 * 2 * 512)
+    backward = kw.get("backward", "fused")
+    monkeypatch.setattr(_pallas_linear, "BACKWARD", backward)
+    kw = {k: a for k, a in kw.items() if k != "backward"}
     n, d, v = shape
     kw = dict(kw, implementation="pallas", reduction="mean")
     args = (
@@ -308,16 +322,18 @@ def test_lowers_to_triton_kernels_for_cuda(dtype, shape, kw, monkeypatch):
         return jax.grad(loss, (0, 1))(h, w, b, y, where)
 
     forward = _lowered_for("cuda", loss, *args)
-    backward = _lowered_for("cuda", grads, *args)
+    bwd = _lowered_for("cuda", grads, *args)
     names = re.findall(r'name = "(linear_ce_\w+)"', forward)
     assert forward.count(TRITON_CALL) == 1 and names == ["linear_ce_forward"]
-    names = re.findall(r'name = "(linear_ce_\w+)"', backward)
-    # d weight of bfloat16 in chunks of 256 columns: three full, one ragged.
-    weight_calls = 2 if dtype == "bfloat16" else 1
-    assert sorted(names) == sorted(
-        ["linear_ce_forward", "linear_ce_grad_hidden"]
-        + ["linear_ce_grad_weight"] * weight_calls
-    )
+    names = sorted(re.findall(r'name = "(linear_ce_\w+)"', bwd))
+    if backward == "tiles":
+        # G in chunks of 512 columns: a full one and a ragged one.
+        want = ["forward"] + ["grad_logits"] * 2
+    else:
+        # d weight of bfloat16 in chunks of 256 columns: full ones, a ragged one.
+        want = ["forward", "grad_hidden"]
+        want += ["grad_weight"] * (2 if dtype == "bfloat16" else 1)
+    assert names == sorted(f"linear_ce_{k}" for k in want)
     # On CPU the same program holds no Triton call: the kernels are interpreted.
     assert TRITON_CALL not in _lowered_for("cpu", grads, *args)
 
