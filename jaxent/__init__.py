@@ -6,14 +6,19 @@ same functions in plain JAX, for forward-mode differentiation.
 """
 
 from . import reference as reference
+from ._cross_entropy import poly_loss_cross_entropy as poly_loss_cross_entropy
+from ._cross_entropy import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from ._cross_entropy import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from ._cross_entropy import sigmoid_focal_loss as sigmoid_focal_loss
 from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from ._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 from ._distill import softmax_generalized_jsd as softmax_generalized_jsd
+from ._divergence import convex_kl_divergence as convex_kl_divergence
 from ._divergence import cross_entropy as cross_entropy
 from ._divergence import entropy as entropy
+from ._divergence import generalized_kl_divergence as generalized_kl_divergence
 from ._divergence import kl_divergence as kl_divergence
 from ._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
@@ -27,14 +32,19 @@ from ._softmax import softmax as softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "convex_kl_divergence",
     "cross_entropy",
     "entropy",
+    "generalized_kl_divergence",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_softmax_cross_entropy",
     "log_softmax",
+    "poly_loss_cross_entropy",
     "reference",
+    "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
     "softmax",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

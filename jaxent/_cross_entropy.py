@@ -29,6 +29,7 @@ from ._args import (
     check_same_shape,
     describe,
     loss_mask,
+    static_number,
 )
 from ._backend import fusion_barrier, per_platform
 from ._define import Rule, loss
@@ -47,6 +48,7 @@ from ._softmax import (
     class_sum,
     has_class,
     normalizer,
+    plain_log_softmax,
     plain_normalizer,
     plain_sum,
     probs,
@@ -535,6 +537,36 @@ def softmax_cross_entropy(
     x = as_float(fn, "logits", logits)
     labels = as_probs(fn, "labels", labels)
     check_same_shape(fn, "labels", labels, "logits", x)
+    return _soft_ce(
+        impl,
+        fn,
+        x,
+        labels,
+        axis,
+        where,
+        label_smoothing,
+        z_loss,
+        reduction,
+        axis_name,
+        temperature=temperature,
+    )
+
+
+def _soft_ce(
+    impl,
+    fn,
+    x,
+    labels,
+    axis,
+    where,
+    label_smoothing,
+    z_loss,
+    reduction,
+    axis_name,
+    temperature=1.0,
+):
+    """The soft-label cross-entropy after the inputs' checks (shared by
+    :func:`softmax_cross_entropy` and :func:`safe_softmax_cross_entropy`)."""
     axes = canonical_axes(fn, axis, x.ndim)
     opts = _options(fn, axes, axes, label_smoothing, z_loss, reduction, None, axis_name)
     opts = opts._replace(temperature=check_positive(fn, "temperature", temperature))
@@ -656,6 +688,218 @@ def _options(
         ignore_index,
         axis_name,
     )
+
+
+def _static_finite(fn: str, name: str, value, low: float = -math.inf) -> float:
+    """A static finite Python number ``>= low`` (``epsilon``, ``gamma``)."""
+    value = static_number(fn, name, value)
+    if not (math.isfinite(value) and value >= low):
+        bound = "" if low == -math.inf else f" and >= {low:g}"
+        raise ValueError(f"{fn}: `{name}` must be finite{bound}; got {value!r}.")
+    return value
+
+
+def _broadcast_labels(fn: str, labels, x: jax.Array) -> jax.Array:
+    """Labels broadcast to the logits' shape, as optax allows (their gradient
+    is summed back by the broadcast's transpose)."""
+    check_broadcasts(fn, "labels", labels, x.shape)
+    return jnp.broadcast_to(labels, x.shape)
+
+
+@loss("logits", "probs")
+def safe_softmax_cross_entropy(
+    impl,
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""optax's ``-inf``-safe softmax cross-entropy over the last axis.
+
+    .. math:: \ell = -\sum_c y_c \log \mathrm{softmax}(x)_c,
+        \qquad 0 \cdot \log 0 = 0
+
+    :func:`softmax_cross_entropy` with the class axis fixed to ``-1`` and the
+    labels broadcast to the logits, as ``optax.safe_softmax_cross_entropy``
+    (whose values and gradients it has): jaxent's softmax cross-entropy is
+    ``-inf``-safe already.
+
+    Args:
+      logits: floating array ``[..., C]``.
+      labels: probabilities broadcastable to the logits' shape.
+      where: boolean mask of the logits' shape (classes to include) or of the
+        batch shape ``[...]`` (examples to include).
+      label_smoothing: in ``[0, 1]``.
+      z_loss: coefficient of the ``logsumexp(x)**2`` penalty.
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted
+        examples).
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+
+    Returns:
+      the ``[...]`` losses (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> logits = jnp.array([0.0, 0.0, -jnp.inf])
+      >>> jaxent.safe_softmax_cross_entropy(logits, jnp.array([0.5, 0.5, 0.0]))
+      Array(0.6931472, dtype=float32)
+
+    Note:
+      Gradient w.r.t. logits ``softmax(x) * sum(y) - y``; w.r.t. labels
+      ``-log_softmax(x)`` (0 at a zero label on a ``-inf`` logit, where the
+      value adds 0). A positive label on a ``-inf`` logit gives ``+inf``;
+      ``+inf``/NaN logits give NaN. A ``jax.custom_vjp``: ``jax.jvp`` of it
+      fails, use :mod:`jaxent.reference` for forward mode; Hessians and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
+    """
+    fn = "safe_softmax_cross_entropy"
+    x = as_float(fn, "logits", logits)
+    labels = _broadcast_labels(fn, as_probs(fn, "labels", labels), x)
+    return _soft_ce(
+        impl, fn, x, labels, -1, where, label_smoothing, z_loss, reduction, axis_name
+    )
+
+
+class _PolyOpts(NamedTuple):
+    """Static options of the Poly-1 rule."""
+
+    axes: tuple[int, ...]
+    epsilon: float
+    axis_name: Hashable | None
+
+
+@loss("logits", "probs")
+def poly_loss_cross_entropy(
+    impl,
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    epsilon: float = 2.0,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Poly-1 loss: softmax cross-entropy plus ``epsilon`` times ``1 - p_t``.
+
+    .. math:: \ell = -\sum_c y_c \log p_c + \varepsilon \sum_c y_c (1 - p_c),
+        \qquad p = \mathrm{softmax}(x)
+
+    (Leng et al. 2022, `PolyLoss <https://arxiv.org/abs/2204.12511>`_); for
+    labels summing to 1 the second term is ``epsilon * (1 - sum(y * p))``. Same
+    values as ``optax.poly_loss_cross_entropy``, whose form it keeps.
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      labels: probabilities broadcastable to the logits' shape.
+      epsilon: the coefficient of the first polynomial term (``2.0`` for
+        ImageNet classification, ``-1.0`` for detection in the paper); a static
+        finite Python float.
+      axis: class axis (or axes; ``None`` for all).
+      where: boolean mask of the logits' rank broadcastable to them (classes to
+        include, optax's meaning: ``softmax`` and both sums run over them) or of
+        the batch shape (examples to include); an excluded example gives 0 and
+        does not count in a mean.
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted
+        examples; 0 if none is counted).
+      axis_name: mesh axis of a vocab-parallel class axis inside ``shard_map``.
+
+    Returns:
+      the batch-shaped losses (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> with jnp.printoptions(precision=4):
+      ...     print(jaxent.poly_loss_cross_entropy(logits, labels))
+      [0.7587 4.8473]
+
+    Note:
+      Gradient w.r.t. logits ``p * sum(y) - y - epsilon * p * (y - sum(y * p))``;
+      w.r.t. labels ``-log_softmax(x) + epsilon * (1 - p)``. A ``-inf`` logit
+      under a zero label adds 0 (optax gives NaN); a positive label on a
+      ``-inf`` logit gives ``+inf``; ``+inf``/NaN logits give NaN. A
+      ``jax.custom_vjp``: ``jax.jvp`` of it fails, use :mod:`jaxent.reference`
+      for forward mode; Hessians and ``jax.jvp(jax.grad(f))`` work (the rule's
+      backward is plain JAX).
+    """
+    fn = "poly_loss_cross_entropy"
+    x = as_float(fn, "logits", logits)
+    labels = _broadcast_labels(fn, as_probs(fn, "labels", labels), x)
+    eps = _static_finite(fn, "epsilon", epsilon)
+    axes = canonical_axes(fn, axis, x.ndim)
+    check_reduction(fn, reduction)
+    check_axis_name(fn, axis_name, axes)
+    cmask = loss_mask(fn, where, x.shape, axes)
+    opts = _PolyOpts(axes, eps, axis_name)
+    loss = impl(_POLY_CE)(opts, x, labels, cmask)
+    keep = None if cmask is None else has_class(cmask, axes, axis_name)
+    count = None if keep is None else count_rows(jnp.squeeze(keep, axes), loss.shape)
+    return reduce_loss(loss, reduction, count).astype(x.dtype)
+
+
+def _poly_labels(y: jax.Array, cmask, dtype) -> jax.Array:
+    y = y.astype(dtype)
+    return y if cmask is None else jnp.where(cmask, y, 0.0)
+
+
+# Poly-1 on one row of logits x (-inf at excluded classes), p = softmax(x):
+#   loss = sumy * ls - <y, x - m> + eps * (sumy - <y, p>),
+# d x = g * (p * (sumy + eps <y, p> - eps y) - y),
+# d y = g * (ls - (x - m) + eps * (1 - p)).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _poly_ce(opts, x, y, cmask):
+    return _poly_ce_fwd(opts, x, y, cmask)[0]
+
+
+def _poly_ce_fwd(opts, x, y_in, cmask):
+    axes, name = opts.axes, opts.axis_name
+    xf = upcast(x, cmask)
+    m, ls = normalizer(xf, axes, name)
+    y = _poly_labels(y_in, cmask, xf.dtype)
+    sumy = class_sum(y, axes, name)
+    # x - m <= 0 (-inf where excluded): 0 * -inf is 0 without a select.
+    lin = class_sum(mul0_nonpos(y, shifted(xf, m)), axes, name)
+    yp = class_sum(y * probs(xf, m, ls), axes, name)
+    loss = sumy * ls - lin + opts.epsilon * (sumy - yp)
+    return jnp.squeeze(loss, axes), (x, y_in, cmask, m, ls, sumy, yp)
+
+
+def _poly_ce_bwd(opts, res, g):
+    x, y_in, cmask, m, ls, sumy, yp = res
+    eps = opts.epsilon
+    xf = upcast(x, cmask)
+    y = _poly_labels(y_in, cmask, xf.dtype)
+    coef = jnp.expand_dims(g, opts.axes)
+    p = probs(xf, m, ls)
+    dx = coef * (p * (sumy + eps * yp - eps * y) - y)
+    # -log p is +inf at excluded entries and -inf logits: 0 under a zero label.
+    dy = coef * (dweight(y, ls - shifted(xf, m)) + eps * (1 - p))
+    if cmask is not None:
+        dy = jnp.where(cmask, dy, 0.0)
+    return like(dx.astype(x.dtype), x), like(dy.astype(y_in.dtype), y_in), None
+
+
+_poly_ce.defvjp(_poly_ce_fwd, _poly_ce_bwd)
+
+
+def _poly_ce_plain(opts, x, y, cmask):
+    axes, name = opts.axes, opts.axis_name
+    xf = upcast(x, cmask)
+    logp = plain_log_softmax(xf, cmask, axes, name)
+    y = _poly_labels(y, cmask, xf.dtype)
+    y_logp = y * jnp.where((y == 0) & jnp.isinf(logp), 0.0, logp)
+    loss = -plain_sum(y_logp, axes, name)
+    loss = loss + opts.epsilon * plain_sum(y * (1 - jnp.exp(logp)), axes, name)
+    return jnp.squeeze(loss, axes)
+
+
+_POLY_CE = Rule(_poly_ce, _poly_ce_plain, diff=(1, 2))
 
 
 @loss("logits", "binary")
@@ -780,3 +1024,183 @@ def _sigmoid_bce_plain(x, y, pos_weight):
 
 
 _SIGMOID_BCE = Rule(_sigmoid_bce, _sigmoid_bce_plain, diff=(0, 1, 2))
+
+
+@loss("logits", "binary")
+def sigmoid_focal_loss(
+    impl,
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | None = None,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Elementwise sigmoid focal loss on logits (Lin et al. 2017).
+
+    .. math:: \ell = \alpha_t\, (1 - p_t)^\gamma\, \mathrm{BCE}(x, y),
+        \quad 1 - p_t = y\, \sigma(-x) + (1 - y)\, \sigma(x),
+        \quad \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+    with ``BCE(x, y) = y softplus(-x) + (1 - y) softplus(x)`` and
+    ``alpha_t = 1`` when ``alpha`` is None: ``optax.sigmoid_focal_loss``,
+    continuous labels in ``[0, 1]`` included (`Focal Loss for Dense Object
+    Detection <https://arxiv.org/abs/1708.02002>`_).
+
+    Args:
+      logits: floating array of any shape.
+      labels: targets in ``[0, 1]`` broadcastable to the logits' shape
+        (ints/bools are cast).
+      alpha: weight of the positive term in ``[0, 1]`` (the negative one gets
+        ``1 - alpha``), or None for no weighting; a static Python float.
+      gamma: focusing exponent ``>= 0`` (``0``: ``alpha_t`` times the binary
+        cross-entropy); a static Python float.
+      reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all
+        elements).
+
+    Returns:
+      the logits' shape (``"none"``) or a scalar, in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> logits, labels = jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])
+      >>> with jnp.printoptions(precision=4):
+      ...     print(jaxent.sigmoid_focal_loss(logits, labels, alpha=0.25))
+      [0.0433 1.2376]
+
+    Note:
+      With ``u = 1 - p_t`` and ``w = u**gamma``, the gradient w.r.t. logits is
+      ``alpha_t (w (sigmoid(x) - y) + gamma w BCE sigmoid(x) sigmoid(-x)
+      (1 - 2y) / u)``; w.r.t. labels ``(2 alpha - 1) w BCE + alpha_t (-w x +
+      gamma w BCE (sigmoid(-x) - sigmoid(x)) / u)``. Both are formed from
+      ``sigmoid(x) sigmoid(-x) / u`` and ``BCE / u`` (bounded), with ``log u``
+      exact where ``u`` underflows, so they stay accurate for any finite logits
+      and any ``gamma``. ``x = -inf`` with ``y = 0`` (or ``+inf`` with ``y = 1``)
+      gives 0 and zero gradients (optax: NaN); an infinite logit against a
+      label gives ``+inf``; NaN logits give NaN. A ``jax.custom_vjp``:
+      ``jax.jvp`` of it fails, use :mod:`jaxent.reference` for forward mode;
+      Hessians and ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain
+      JAX).
+    """
+    fn = "sigmoid_focal_loss"
+    x = as_float(fn, "logits", logits)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = labels.astype(x.dtype)
+    labels = _broadcast_labels(fn, labels, x)
+    if alpha is not None:
+        alpha = check_fraction(fn, "alpha", alpha)
+    gamma = _static_finite(fn, "gamma", gamma, low=0.0)
+    check_reduction(fn, reduction)
+    loss = impl(_FOCAL)(_FocalOpts(alpha, gamma), x, labels)
+    return reduce_loss(loss, reduction).astype(x.dtype)
+
+
+class _FocalOpts(NamedTuple):
+    alpha: float | None
+    gamma: float
+
+
+class _FocalTerms(NamedTuple):
+    """Elementwise pieces of the focal loss, in the compute dtype."""
+
+    y: jax.Array
+    sp_pos: jax.Array  # softplus(x)
+    sp_neg: jax.Array  # softplus(-x)
+    sig_pos: jax.Array  # sigmoid(x)
+    sig_neg: jax.Array  # sigmoid(-x)
+    ce: jax.Array  # y softplus(-x) + (1 - y) softplus(x), 0 log 0 = 0
+    u: jax.Array  # 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x)
+    tiny: jax.Array  # u below the smallest normal float
+    w: jax.Array | None  # u**gamma (None: gamma = 0)
+    a: jax.Array | None  # alpha_t (None: no alpha)
+
+
+def _focal_terms(opts: _FocalOpts, x, y_in) -> _FocalTerms:
+    xf = upcast(x)
+    y = y_in.astype(xf.dtype)
+    sp_pos, sp_neg = _softplus_pair(xf)
+    sig_pos, sig_neg = _sigmoid_pair(xf)
+    ce = mul0_nonneg(y, sp_neg) + mul0_nonneg(1 - y, sp_pos)
+    u = y * sig_neg + (1 - y) * sig_pos
+    # u >= (1 - y) sigmoid(x) + y sigmoid(-x) >= min(y, 1 - y) / 2: for labels
+    # in [0, 1] it underflows only where y is 0 (x < 0) or 1 (x > 0), and then
+    # it is sigmoid(-|x|), whose log -softplus(|x|) is exact.
+    tiny = (u >= 0) & (u < jnp.finfo(u.dtype).tiny)
+    w = None
+    if opts.gamma:
+        log_u = jnp.where(
+            tiny, -jnp.maximum(sp_pos, sp_neg), jnp.log(jnp.where(tiny, 1.0, u))
+        )
+        w = jnp.exp(opts.gamma * log_u)
+    a = None
+    if opts.alpha is not None:
+        a = opts.alpha * y + (1 - opts.alpha) * (1 - y)
+    return _FocalTerms(y, sp_pos, sp_neg, sig_pos, sig_neg, ce, u, tiny, w, a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _focal(opts, x, y):
+    return _focal_fwd(opts, x, y)[0]
+
+
+def _focal_fwd(opts, x, y_in):
+    t = _focal_terms(opts, x, y_in)
+    loss = t.ce if t.w is None else t.ce * t.w  # w = 0 only where ce = 0
+    if t.a is not None:
+        loss = mul0_nonneg(t.a, loss)
+    return loss, (x, y_in)
+
+
+def _focal_bwd(opts, res, g):
+    x, y_in = res
+    # Recomputed apart from the forward (see _sigmoid_bce_bwd).
+    t = _focal_terms(opts, fusion_barrier(x), y_in)
+    y, gamma = t.y, opts.gamma
+    dx = (1 - y) * t.sig_pos - y * t.sig_neg  # d ce / d x
+    dy = dweight(y, t.sp_neg) - dweight(1 - y, t.sp_pos)  # d ce / d y (= -x)
+    if t.w is not None:
+        # d log u / d x = r (1 - 2y) and d log u / d y = (sigmoid(-x) -
+        # sigmoid(x)) / u, with r = sigmoid(x) sigmoid(-x) / u <= 1 and
+        # ce / u bounded; where u underflows (y = 0 or 1) they are their limits.
+        safe_u = jnp.where(t.tiny, 1.0, t.u)
+        r = jnp.where(
+            t.tiny,
+            jnp.maximum(t.sig_pos, t.sig_neg),
+            t.sig_pos * t.sig_neg / safe_u,
+        )
+        ce_u = jnp.where(t.tiny, 1.0, t.ce / safe_u)
+        dx = t.w * dx + gamma * t.w * mul0(r * (1 - 2 * y), t.ce)
+        dy = mul0(t.w, dy) + gamma * t.w * ce_u * (t.sig_neg - t.sig_pos)
+    if t.a is not None:
+        ce_w = t.ce if t.w is None else t.ce * t.w
+        dx = t.a * dx
+        dy = mul0(t.a, dy) + mul0(jnp.asarray(2 * opts.alpha - 1, y.dtype), ce_w)
+    g = upcast(g)
+    return (g * dx).astype(x.dtype), (g * dy).astype(y_in.dtype)
+
+
+_focal.defvjp(_focal_fwd, _focal_bwd)
+
+
+def _focal_plain(opts, x, y):
+    """The formula as written, with ``0 * inf = 0``. Not optax's
+    ``logsumexp(..., b=[1 - y, y])``: JAX drops the terms whose ``b`` is 0, and
+    with them their derivative w.r.t. ``b``, so autodiff of it is wrong w.r.t.
+    labels that are exactly 0 or 1."""
+    xf = upcast(x)
+    y = y.astype(xf.dtype)
+
+    def times(w, v):  # w * v with 0 * inf = 0
+        return w * jnp.where((w == 0) & jnp.isinf(v), 0.0, v)
+
+    loss = times(y, jax.nn.softplus(-xf)) + times(1 - y, jax.nn.softplus(xf))
+    if opts.gamma:
+        u = y * jax.nn.sigmoid(-xf) + (1 - y) * jax.nn.sigmoid(xf)
+        loss = loss * jnp.exp(opts.gamma * jnp.log(u))
+    if opts.alpha is not None:
+        loss = times(opts.alpha * y + (1 - opts.alpha) * (1 - y), loss)
+    return loss
+
+
+_FOCAL = Rule(_focal, _focal_plain, diff=(1, 2))

@@ -143,16 +143,27 @@ def loss(*inputs: str, where: str = "both") -> Callable[[Callable], Callable]:
     return register
 
 
+def _renamed(fn: Callable, old: str, new: str) -> Callable:
+    """``fn`` whose argument errors (``"old: `arg` ..."``) name ``new``."""
+
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            if type(e) not in (TypeError, ValueError) or not msg.startswith(old + ":"):
+                raise
+            raise type(e)(new + msg[len(old) :]) from None
+
+    return call
+
+
 def alias(name: str, target: Callable, note: str) -> Callable:
     """Registers ``name`` as another name of the loss ``target`` (optax keeps
     deprecated aliases); returns the public function."""
     base = REGISTRY[target.__name__]
-    public = functools.wraps(base.public)(
-        lambda *args, **kwargs: base.public(*args, **kwargs)
-    )
-    twin = functools.wraps(base.reference)(
-        lambda *args, **kwargs: base.reference(*args, **kwargs)
-    )
+    public = functools.wraps(base.public)(_renamed(base.public, base.name, name))
+    twin = functools.wraps(base.reference)(_renamed(base.reference, base.name, name))
     for fn in (public, twin):
         fn.__name__ = fn.__qualname__ = name
         del fn.__wrapped__

@@ -23,7 +23,7 @@ from ._args import (
     loss_mask,
 )
 from ._backend import fusion_barrier
-from ._define import Rule, loss
+from ._define import Rule, alias, loss
 from ._numerics import dweight, mul0, mul0_nonpos, safe_log, tempered, upcast
 from ._reduction import reduce_loss
 from ._softmax import (
@@ -343,6 +343,113 @@ def _kl_log_targets_plain(lp, lt, mask, axes):
 
 
 _KL_LOG_TARGETS = Rule(_kl_log_targets, _kl_log_targets_plain, diff=(0, 1))
+
+
+@loss("log_probs", "probs", where="classes")
+def generalized_kl_divergence(
+    impl,
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Generalized KL divergence of unnormalized measures (optax's order).
+
+    .. math:: D = \sum_c \big(t_c (\log t_c - \log \hat p_c) + \hat p_c - t_c\big)
+
+    the Bregman divergence of ``x log x - x``: :func:`kl_divergence` plus
+    ``sum(exp(log_predictions) - targets)``, equal to it for normalized inputs.
+    Same values as ``optax.generalized_kl_divergence``.
+
+    Args:
+      log_predictions: log of the predicted measure ``[..., C, ...]``.
+      targets: the target measure (nonnegative), the same shape.
+      axis: class axis (or axes).
+      where: boolean mask broadcastable to the inputs; excluded entries add 0
+        (an example with none included gives 0 and does not count in a mean).
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"``.
+
+    Returns:
+      the batch-shaped divergences (``"none"``) or a scalar, in
+      ``log_predictions``' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> lp = jnp.log(jnp.array([[1.0, 2.0], [0.5, 0.5]]))
+      >>> targets = jnp.array([[2.0, 0.0], [0.5, 0.5]])
+      >>> with jnp.printoptions(precision=4):
+      ...     print(jaxent.generalized_kl_divergence(lp, targets))
+      [2.3863 0.    ]
+
+    Note:
+      Gradients ``exp(log_predictions) - t`` and ``log t - log_predictions``
+      (w.r.t. ``targets``; at ``t = 0`` its ``log t + 1`` part is taken as 0, as
+      in :func:`kl_divergence`, so it is ``-log_predictions - 1`` there). A zero
+      target adds ``exp(log_predictions)`` even under a ``-inf`` prediction
+      (optax: NaN); a positive target on a ``-inf`` prediction gives ``+inf``;
+      a ``+inf`` prediction gives NaN. A ``jax.custom_vjp``: ``jax.jvp`` of it
+      fails, use :mod:`jaxent.reference` for forward mode; Hessians and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
+    """
+    fn = "generalized_kl_divergence"
+    lp, t, axes = _prepare_pair(
+        fn, ("log_predictions", "targets"), log_predictions, targets, axis
+    )
+    check_reduction(fn, reduction)
+    mask = class_mask(fn, where, lp.shape)
+    out = impl(_GENERALIZED_KL)(lp, t, mask, axes)
+    count = None
+    if reduction == "mean" and mask is not None:
+        count = kept_count(jnp.broadcast_to(mask, lp.shape), axes, out.shape)
+    return reduce_loss(out, reduction, count).astype(lp.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _generalized_kl(lp, t, mask, axes):
+    return _generalized_kl_fwd(lp, t, mask, axes)[0]
+
+
+def _generalized_kl_fwd(lp, t, mask, axes):
+    lpf, tf = upcast(lp), upcast(t)
+    terms = mul0(tf, safe_log(tf)) - mul0(tf, lpf) + (jnp.exp(lpf) - tf)
+    return jnp.sum(terms, axis=axes, where=mask), (lp, t, mask)
+
+
+def _generalized_kl_bwd(axes, res, g):
+    lp, t, mask = res
+    lpf, tf = upcast(lp), upcast(t)
+    g = jnp.expand_dims(g, axes)
+    dlp = g * (jnp.exp(lpf) - tf)
+    # The KL gradient (see _kl_divergence_bwd) and the -1 of ``- t``.
+    dt = jnp.where(tf == 0, 0.0, safe_log(tf) + 1) - dweight(tf, lpf) - 1
+    dlp, dt = _masked(mask, dlp, g * dt)
+    return dlp.astype(lp.dtype), dt.astype(t.dtype), None
+
+
+_generalized_kl.defvjp(_generalized_kl_fwd, _generalized_kl_bwd)
+
+
+def _generalized_kl_plain(lp, t, mask, axes):
+    lpf, tf = upcast(lp), upcast(t)
+    if mask is not None:
+        # exp(-inf) = 0: an excluded entry adds nothing.
+        lpf, tf = jnp.where(mask, lpf, -jnp.inf), jnp.where(mask, tf, 0.0)
+    zero = tf == 0
+    t_log_t = tf * jnp.log(jnp.where(zero, 1.0, tf))
+    t_log_p = tf * jnp.where(zero & jnp.isinf(lpf), 0.0, lpf)
+    return jnp.sum(t_log_t - t_log_p + jnp.exp(lpf) - tf, axis=axes)
+
+
+_GENERALIZED_KL = Rule(_generalized_kl, _generalized_kl_plain, diff=(0, 1))
+
+convex_kl_divergence = alias(
+    "convex_kl_divergence",
+    generalized_kl_divergence,
+    "optax keeps this name as a deprecated alias of "
+    "``optax.losses.generalized_kl_divergence``.",
+)
 
 
 @loss("logits")

@@ -307,6 +307,76 @@ def ref_softmax_generalized_jsd(xp, a, o, g):
     return value, {"logits": coef * ds, "target_logits": coef * dt}
 
 
+def ref_safe_softmax_cross_entropy(xp, a, o, g):
+    """Soft-label cross-entropy over the last axis (its rows layout's)."""
+    return ref_softmax_cross_entropy(xp, a, o, g)
+
+
+def ref_poly_loss_cross_entropy(xp, a, o, g):
+    x, y, adm = a["logits"], a["labels"], a.get("where")
+    eps = o.get("epsilon", 2.0)
+    xs, ls, _ = _normalize(xp, x, adm)
+    ones = _ones(xp, x, adm)
+    y = xp.where(ones > 0, y, 0)
+    logp = xs - ls
+    p = xp.exp(logp)
+    sy = xp.sum(y, axis=-1, keepdims=True)
+    syp = xp.sum(y * p, axis=-1, keepdims=True)
+    loss = -xp.sum(_mul0(xp, y, logp), axis=-1, keepdims=True) + eps * (sy - syp)
+    kept = xp.sum(ones, axis=-1, keepdims=True) > 0
+    count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
+    reduction = o.get("reduction", "none")
+    value = _reduce(xp, xp.where(kept, loss, 0)[..., 0], reduction, count)
+    coef = xp.where(kept, _coef(xp, g, reduction, x.shape, count), 0)
+    dx = coef * (p * sy - y - eps * p * (y - syp))
+    dy = coef * xp.where(ones > 0, _dweight(xp, y, -logp) + eps * (1 - p), 0)
+    return value, {"logits": dx, "labels": dy}
+
+
+def ref_sigmoid_focal_loss(xp, a, o, g):
+    """``alpha_t (1 - p_t)**gamma BCE`` and its derivatives, written with
+    ``u**(gamma - 1)`` (elementwise; rows layout with one class, as for BCE)."""
+    x, y = a["logits"], a["labels"]
+    alpha, gamma = o.get("alpha"), o.get("gamma", 2.0)
+    sp_neg, sp_pos = _softplus(xp, -x), _softplus(xp, x)
+    s, sb = xp.exp(-sp_neg), xp.exp(-sp_pos)
+    ce = _mul0(xp, y, sp_neg) + _mul0(xp, 1 - y, sp_pos)
+    u = y * sb + (1 - y) * s
+    w = u**gamma
+    dw = gamma * xp.where(u == 0, 0, u ** (gamma - 1)) if gamma else 0 * u
+    at = 1.0 if alpha is None else alpha * y + (1 - alpha) * (1 - y)
+    da = 0.0 if alpha is None else 2 * alpha - 1
+    loss = (at * ce * w)[..., 0]
+    reduction = o.get("reduction", "none")
+    value = _reduce(xp, loss, reduction)
+    coef = _coef(xp, g[..., 0] if g.ndim == 3 else g, reduction, x.shape)
+    dce = _dweight(xp, y, sp_neg) - _dweight(xp, 1 - y, sp_pos)
+    dx = at * ((s - y) * w + ce * dw * s * sb * (1 - 2 * y))
+    dy = da * ce * w + at * (w * dce + ce * dw * (sb - s))
+    value = value[..., None] if reduction == "none" else value
+    return value, {"logits": coef * dx, "labels": coef * dy}
+
+
+def ref_generalized_kl_divergence(xp, a, o, g):
+    lp, t, adm = a["log_predictions"], a["targets"], a.get("where")
+    terms = _mul0(xp, t, xp.log(t)) - _mul0(xp, t, lp) + xp.exp(lp) - t
+    keep = xp.ones_like(t, dtype=bool) if adm is None else adm
+    kl = xp.sum(xp.where(keep, terms, 0), axis=-1)
+    kept = xp.any(keep, axis=-1)
+    count = xp.sum(kept, axis=1).astype(lp.dtype)
+    reduction = o.get("reduction", "none")
+    value = _reduce(xp, kl, reduction, count)
+    coef = xp.where(kept[..., None], _coef(xp, g, reduction, lp.shape, count), 0)
+    dt = xp.where(t == 0, 0, xp.log(t) + 1) - _dweight(xp, t, lp) - 1
+    return value, {
+        "log_predictions": xp.where(keep, coef * (xp.exp(lp) - t), 0),
+        "targets": xp.where(keep, coef * dt, 0),
+    }
+
+
+ref_convex_kl_divergence = ref_generalized_kl_divergence
+
+
 ORACLES = {
     name[len("ref_") :]: fn
     for name, fn in dict(globals()).items()

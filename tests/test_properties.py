@@ -225,7 +225,11 @@ def make_inputs(d: Drawn, seed: int, k: int):
             x = _logits(rng, shp)
             x = np.where(_inf_at(rng, shp, np.ones(shp, bool)), -np.inf, x)
             rows["logits"] = q(x)
-        elif name == "softmax_cross_entropy":
+        elif name in (
+            "softmax_cross_entropy",
+            "safe_softmax_cross_entropy",
+            "poly_loss_cross_entropy",
+        ):
             y = _probs(rng, shp)
             kind = rng.integers(0, 3, size=(k, 1, 1))
             onehot = rng.integers(0, shp[2], shp[:2])[..., None] == np.arange(shp[2])
@@ -234,7 +238,7 @@ def make_inputs(d: Drawn, seed: int, k: int):
             if adm is not None:
                 y = np.where(adm, y, 0.0)
             x = _logits(rng, shp)
-            if d.opts["label_smoothing"] == 0:
+            if d.opts.get("label_smoothing", 0.0) == 0:
                 x = np.where(_inf_at(rng, shp, y == 0), -np.inf, x)
             rows["logits"], rows["labels"] = q(x), q(y)
         elif name == "softmax_cross_entropy_with_integer_labels":
@@ -272,7 +276,7 @@ def make_inputs(d: Drawn, seed: int, k: int):
                 labels = np.where(rng.random(labels.shape) < frac, ignore, labels)
             rows["labels"] = labels.astype(np.int32)
             native["labels"] = rows["labels"].reshape(k, *lay.batch)
-        elif name == "sigmoid_binary_cross_entropy":
+        elif name in ("sigmoid_binary_cross_entropy", "sigmoid_focal_loss"):
             x = _logits(rng, shp)
             y = np.where(
                 rng.random((k, 1, 1)) < 0.5, rng.random(shp), rng.random(shp) < 0.5
@@ -294,14 +298,23 @@ def make_inputs(d: Drawn, seed: int, k: int):
             # q may be 0 only where p is 0 (elsewhere the value is +inf).
             p, qq = q(_probs(rng, shp)), q(_probs(rng, shp))
             rows["p"], rows["q"] = p, np.where((qq == 0) & (p > 0), q(1e-3), qq)
-        elif name in ("kl_divergence", "kl_divergence_with_log_targets"):
+        elif name in (
+            "kl_divergence",
+            "kl_divergence_with_log_targets",
+            "generalized_kl_divergence",
+        ):
             # A prediction may be 0 only where the target is 0.
             if name == "kl_divergence":
                 t = rows["targets"] = q(_probs(rng, shp))
+            elif name == "generalized_kl_divergence":  # unnormalized measures
+                mass = rng.uniform(0.5, 2.0, (k, 1, 1))
+                t = rows["targets"] = q(_probs(rng, shp) * mass)
             else:
                 rows["log_targets"] = q(np.log(_probs(rng, shp)))
                 t = np.exp(rows["log_targets"])
             pred = _probs(rng, shp)
+            if name == "generalized_kl_divergence":
+                pred = pred * rng.uniform(0.5, 2.0, (k, 1, 1))
             pred = np.where((pred == 0) & (t > 0), 1e-3, pred)
             rows["log_predictions"] = q(np.log(pred))
         elif name in ("softmax_kl_divergence", "softmax_generalized_jsd"):
@@ -345,6 +358,15 @@ TEMPERED = (
     "softmax_generalized_jsd",
 )
 BETAS = (0.5, 0.0, 1.0, 0.1, 0.9)
+OPTAX_FAMILY = (
+    "safe_softmax_cross_entropy",
+    "poly_loss_cross_entropy",
+    "sigmoid_focal_loss",
+    "generalized_kl_divergence",
+)
+EPSILONS = (2.0, -1.0, 0.5)
+GAMMAS = (2.0, 0.0, 0.5, 1.0, 3.0)
+ALPHAS = (None, 0.25, 0.8)
 
 
 @st.composite
@@ -371,14 +393,17 @@ def drawn_linear(draw, dtype):
 def drawn(draw, name, dtype):
     if name == "linear_softmax_cross_entropy":
         return draw(drawn_linear(dtype))
-    no_axis = name == "sigmoid_binary_cross_entropy"
+    no_axis = name in ("sigmoid_binary_cross_entropy", "sigmoid_focal_loss")
     lay = draw(layouts(class_axes=not no_axis))
-    d = Drawn(name, dtype, lay, {} if no_axis else {"axis": lay.axis})
+    if name == "safe_softmax_cross_entropy":  # its class axis is the last one
+        lay = Layout((*lay.batch, lay.classes), (len(lay.batch),), None)
+    d = Drawn(name, dtype, lay, {} if lay.axis is None else {"axis": lay.axis})
     class_where = (
         "log_softmax",
         "softmax",
         "kl_divergence",
         "kl_divergence_with_log_targets",
+        "generalized_kl_divergence",
     )
     loss_where = (
         "softmax_cross_entropy",
@@ -386,6 +411,8 @@ def drawn(draw, name, dtype):
         "softmax_entropy",
         "softmax_kl_divergence",
         "softmax_generalized_jsd",
+        "safe_softmax_cross_entropy",
+        "poly_loss_cross_entropy",
     )
     if name in class_where and draw(st.booleans()):
         d.where = "class"
@@ -394,7 +421,11 @@ def drawn(draw, name, dtype):
         d.where = draw(st.sampled_from([None, "class", "batch"]))
         if d.where == "class":
             d.where_shape = draw(_broadcastable(lay.shape, full_rank=True))
-    if name in ("softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"):
+    if name in (
+        "softmax_cross_entropy",
+        "softmax_cross_entropy_with_integer_labels",
+        "safe_softmax_cross_entropy",
+    ):
         d.opts["label_smoothing"] = draw(st.sampled_from(SMOOTHING))
         d.opts["z_loss"] = draw(st.sampled_from(Z_LOSS))
     if name == "softmax_cross_entropy_with_integer_labels":
@@ -407,12 +438,18 @@ def drawn(draw, name, dtype):
         "sigmoid_binary_cross_entropy",
         "softmax_kl_divergence",
         "softmax_generalized_jsd",
+        *OPTAX_FAMILY,
     ):
         d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     if name in ("entropy", "cross_entropy", "softmax_entropy"):
         d.opts["base"] = draw(st.sampled_from(BASES))
-    if no_axis and draw(st.booleans()):
+    if name == "sigmoid_binary_cross_entropy" and draw(st.booleans()):
         d.pos_weight_shape = draw(_broadcastable(lay.shape))
+    if name == "poly_loss_cross_entropy":
+        d.opts["epsilon"] = draw(st.sampled_from(EPSILONS))
+    if name == "sigmoid_focal_loss":
+        d.opts["gamma"] = draw(st.sampled_from(GAMMAS))
+        d.opts["alpha"] = draw(st.sampled_from(ALPHAS))
     if name in TEMPERED:
         d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
     if name == "softmax_generalized_jsd":
@@ -436,6 +473,10 @@ POSITIONAL = {
     "softmax_kl_divergence": ("logits", "target_logits"),
     "softmax_generalized_jsd": ("logits", "target_logits"),
     "linear_softmax_cross_entropy": ("hidden", "weight", "labels"),
+    "safe_softmax_cross_entropy": ("logits", "labels"),
+    "poly_loss_cross_entropy": ("logits", "labels"),
+    "sigmoid_focal_loss": ("logits", "labels"),
+    "generalized_kl_divergence": ("log_predictions", "targets"),
 }
 FUNCTIONS = tuple(POSITIONAL)
 INTEGER_LABELS = (
@@ -482,7 +523,12 @@ def _program(name, opts_items, keys):
     return jax.jit(jax.vmap(one))
 
 
-ELEMENTWISE = ("log_softmax", "softmax", "sigmoid_binary_cross_entropy")
+ELEMENTWISE = (
+    "log_softmax",
+    "softmax",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+)
 
 
 def _output_rows(d: Drawn):
@@ -822,7 +868,12 @@ def _relations(x, t, p, q, labels, w, keep, shift, u, axis):
     # A class axis other than the last = moveaxis to the last.
     moved = lambda a: jnp.moveaxis(a, axis, -1)  # noqa: E731
     for name in FUNCTIONS:
-        if name in ("sigmoid_binary_cross_entropy", "linear_softmax_cross_entropy"):
+        if name in (
+            "sigmoid_binary_cross_entropy",
+            "linear_softmax_cross_entropy",
+            "safe_softmax_cross_entropy",
+            "sigmoid_focal_loss",
+        ):
             continue  # no class axis argument
         f = getattr(jaxent, name)
         args = {
@@ -837,6 +888,8 @@ def _relations(x, t, p, q, labels, w, keep, shift, u, axis):
             "kl_divergence_with_log_targets": (jnp.log(q), jnp.log(p)),
             "softmax_kl_divergence": (x, t),
             "softmax_generalized_jsd": (x, t),
+            "poly_loss_cross_entropy": (x, p),
+            "generalized_kl_divergence": (jnp.log(q), p),
         }[name]
         a = f(*args, axis=axis)
         b = f(*(moved(v) if v.shape == x.shape else v for v in args), axis=-1)
@@ -947,6 +1000,14 @@ GRAD_OPTIONS = {
         {"where": "batch", "reduction": "sum", "beta": 0.0, "temperature": 0.5},
         {"beta": 1.0},
     ],
+    "safe_softmax_cross_entropy": [
+        {"label_smoothing": 0.1, "where": "batch", "reduction": "mean"}
+    ],
+    "poly_loss_cross_entropy": [
+        {"epsilon": -1.0, "where": "batch", "reduction": "sum"}
+    ],
+    "sigmoid_focal_loss": [{"gamma": 0.5, "alpha": 0.25, "reduction": "mean"}],
+    "generalized_kl_divergence": [{"where": "class", "reduction": "mean"}],
     "linear_softmax_cross_entropy": [
         {"bias": True, "label_smoothing": 0.2, "z_loss": 0.01, "block_size": 4},
         {"ignore_index": 1, "where": "batch", "reduction": "mean"},
@@ -988,6 +1049,10 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
         "softmax_entropy": [x],
         "softmax_kl_divergence": [x, t],
         "softmax_generalized_jsd": [x, t],
+        "safe_softmax_cross_entropy": [x, p],
+        "poly_loss_cross_entropy": [x, p],
+        "sigmoid_focal_loss": [x, rng.uniform(0.05, 0.95, shape)],
+        "generalized_kl_divergence": [np.log(q) + 0.2, p],
         "linear_softmax_cross_entropy": [
             rng.normal(size=(*batch, 4)),
             rng.normal(size=(4, c)) / 2,

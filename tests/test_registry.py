@@ -45,6 +45,9 @@ OPTION_VALUES = {
     "axis": "moved",
     "temperature": 2.5,
     "beta": 0.3,
+    "epsilon": -1.0,
+    "alpha": 0.25,
+    "gamma": 0.5,
 }
 # Options that select how, not what, or that the sharded tests cover.
 NOT_VALUES = {"reduction", "axis_name"}
@@ -256,6 +259,9 @@ def _bad_inputs(name):
         "bias": [("bias of the wrong shape", jnp.ones(CLASSES + 1))],
         "temperature": [("temperature not positive", 0.0)],
         "beta": [("beta outside [0, 1]", 1.5)],
+        "epsilon": [("epsilon not finite", float("inf"))],
+        "alpha": [("alpha outside [0, 1]", 1.5)],
+        "gamma": [("gamma negative", -1.0)],
     }
     for option, cases in checks.items():
         if option in params:
