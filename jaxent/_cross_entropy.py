@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -27,6 +28,7 @@ from ._args import (
     check_positive,
     check_reduction,
     check_same_shape,
+    class_mask,
     describe,
     loss_mask,
     static_number,
@@ -60,7 +62,6 @@ class _Opts(NamedTuple):
     """Static options of the softmax cross-entropy rule."""
 
     axes: tuple[int, ...]  # class axes, sorted
-    order: tuple[int, ...]  # the same, in the order class ids flatten them
     label_smoothing: float
     z_loss: float
     ignore_index: int | None
@@ -90,27 +91,12 @@ def _num_classes(n_local: int, axis_name: Hashable | None):
 
 
 def _class_ids(opts: _Opts, shape, dtype) -> jax.Array:
-    """Global class id of every logit (keepdims): several class axes flatten
-    in ``opts.order``, as optax numbers them (``axis=(3, 2)``: axis 3 major)."""
+    """Global class id of every logit (keepdims)."""
     kshape = _class_shape(shape, opts.axes)
     ids = 0
-    for a in opts.order:
+    for a in opts.axes:
         ids = ids * shape[a] + lax.broadcasted_iota(dtype, kshape, a)
     return ids + _offset(_num_local(shape, opts.axes), opts.axis_name, dtype)
-
-
-def _per_class(opts: _Opts, table: jax.Array, shape) -> jax.Array:
-    """A ``[C]`` table (indexed by class id) laid out along the class axes."""
-    dims = [shape[a] for a in opts.order]
-    perm = sorted(range(len(dims)), key=lambda i: opts.order[i])
-    return table.reshape(dims).transpose(perm).reshape(_class_shape(shape, opts.axes))
-
-
-def _flat_classes(opts: _Opts, v: jax.Array) -> jax.Array:
-    """Inverse of :func:`_per_class` for class-axes-only ``v`` (sorted axes)."""
-    perm = sorted(range(len(opts.order)), key=lambda i: opts.order[i])
-    inverse = sorted(range(len(perm)), key=lambda i: perm[i])
-    return v.transpose(inverse).reshape(-1)
 
 
 def _is_label(opts: _Opts, shape, labels) -> jax.Array:
@@ -223,7 +209,8 @@ class _CERes(NamedTuple):
 
 def _smoothing_weights(opts, shape, weights, cmask, dtype):
     """The per-class ``u`` of label smoothing (None means all ones)."""
-    u = None if weights is None else _per_class(opts, weights.astype(dtype), shape)
+    kshape = _class_shape(shape, opts.axes)
+    u = None if weights is None else weights.astype(dtype).reshape(kshape)
     if cmask is not None:
         # Broadcast in full: a mask may be [N, 1] (examples) or [1, C] (classes).
         cmask = jnp.broadcast_to(cmask, shape)
@@ -418,10 +405,10 @@ def _ce_dweights(opts, res: _CERes, xf, coef):
         )
     )
     if res.b is not None:
-        wk = _per_class(opts, w, res.x.shape)
+        wk = w.reshape(_class_shape(res.x.shape, axes))
         term = coef * res.b * _kept(res, dweight(wk, res.ls - (xf - res.m)))
         rows = tuple(i for i in range(res.x.ndim) if i not in axes)
-        d = d + _flat_classes(opts, jnp.sum(term, axis=rows))
+        d = d + jnp.sum(term, axis=rows).reshape(n_local)
     return like(d.astype(res.weights.dtype), res.weights)
 
 
@@ -447,7 +434,7 @@ def _softmax_ce_plain(opts, x, dense, labels, weights, cmask):
         onehot = _class_ids(opts, x.shape, labels.dtype) == _labels_k(opts, labels)
         onehot = onehot.astype(dtype)
         if weights is not None:
-            u = u * _per_class(opts, weights.astype(dtype), x.shape)
+            u = u * weights.astype(dtype).reshape(_class_shape(x.shape, axes))
         y = (1 - eps) * plain_sum(onehot * u, axes, name) * onehot
         n_classes = _num_classes(_num_local(x.shape, axes), name)
         valid = (_labels_k(opts, labels) >= 0) & (_labels_k(opts, labels) < n_classes)
@@ -568,7 +555,7 @@ def _soft_ce(
     """The soft-label cross-entropy after the inputs' checks (shared by
     :func:`softmax_cross_entropy` and :func:`safe_softmax_cross_entropy`)."""
     axes = canonical_axes(fn, axis, x.ndim)
-    opts = _options(fn, axes, axes, label_smoothing, z_loss, reduction, None, axis_name)
+    opts = _options(fn, axes, label_smoothing, z_loss, reduction, None, axis_name)
     opts = opts._replace(temperature=check_positive(fn, "temperature", temperature))
     cmask = loss_mask(fn, where, x.shape, axes)
     loss = impl(_SOFTMAX_CE)(opts, x, labels, None, None, cmask)
@@ -639,7 +626,12 @@ def softmax_cross_entropy_with_integer_labels(
     x = as_float(fn, "logits", logits)
     labels = as_int(fn, "labels", labels)
     order = canonical_axes(fn, axis, x.ndim, ordered=True)
-    axes = tuple(sorted(order))
+    if len(order) > 1:
+        # optax numbers the classes by flattening the class axes in the order
+        # given (axis=(3, 2): axis 3 major): the same layout, made explicit.
+        x, where = _flatten_classes(fn, x, where, order)
+        order = (x.ndim - 1,)
+    axes = order
     rows = batch_shape(x.shape, axes)
     if labels.shape != rows:
         raise ValueError(
@@ -648,7 +640,7 @@ def softmax_cross_entropy_with_integer_labels(
         )
     ignore_index = check_index(fn, "ignore_index", ignore_index)
     opts = _options(
-        fn, axes, order, label_smoothing, z_loss, reduction, ignore_index, axis_name
+        fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name
     )
     n_local = _num_local(x.shape, axes)
     if weights is not None:
@@ -675,14 +667,23 @@ def softmax_cross_entropy_with_integer_labels(
     return reduce_loss(loss, reduction, count).astype(x.dtype)
 
 
-def _options(
-    fn, axes, order, label_smoothing, z_loss, reduction, ignore_index, axis_name
-):
+def _flatten_classes(fn, x, where, order):
+    """``x`` as ``[batch..., C]`` with the class axes flattened in ``order``
+    (and a class-shaped ``where`` alike)."""
+    rows = tuple(i for i in range(x.ndim) if i not in order)
+    perm = rows + order
+    flat = (*batch_shape(x.shape, order), -1)
+    if where is not None and np.ndim(where) == x.ndim:
+        where = class_mask(fn, where, x.shape)
+        where = jnp.broadcast_to(where, x.shape).transpose(perm).reshape(flat)
+    return x.transpose(perm).reshape(flat), where
+
+
+def _options(fn, axes, label_smoothing, z_loss, reduction, ignore_index, axis_name):
     check_reduction(fn, reduction)
     check_axis_name(fn, axis_name, axes)
     return _Opts(
         axes,
-        order,
         check_fraction(fn, "label_smoothing", label_smoothing),
         check_nonnegative(fn, "z_loss", z_loss),
         ignore_index,

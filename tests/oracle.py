@@ -153,11 +153,17 @@ def ref_linear_softmax_cross_entropy(xp, a, o, g):
     x = xp.matmul(h, w)
     if "bias" in a:
         x = x + a["bias"][:, None, :]
+    cap = o.get("softcap")
+    if cap is not None:
+        capped = xp.tanh(x / cap)
+        x = cap * capped
     inner = {"logits": x, "labels": a["labels"]}
     if "where" in a:
         inner["where"] = a["where"]
     value, grads = ref_softmax_cross_entropy_with_integer_labels(xp, inner, o, g)
     dx = grads["logits"]
+    if cap is not None:
+        dx = dx * (1 - capped**2)
     out = {
         "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
         "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),

@@ -48,9 +48,16 @@ OPTION_VALUES = {
     "epsilon": -1.0,
     "alpha": 0.25,
     "gamma": 0.5,
+    "softcap": 3.0,
+    "teacher_bias": "array",
+    "hard_weight": 0.5,
+    "soft_weight": 0.7,
 }
-# Options that select how, not what, or that the sharded tests cover.
-NOT_VALUES = {"reduction", "axis_name"}
+# Options that select how, not what (reductions run for every case), or whose
+# own tests cover them: axis_name (tests/test_sharded.py, test_multihost.py),
+# the fused head's implementation, gradient filtering and auxiliary outputs
+# (tests/test_linear.py, test_linear_pallas.py).
+NOT_VALUES = {"reduction", "axis_name", "implementation", "filter_eps", "return_aux"}
 
 
 def _names():
@@ -89,6 +96,11 @@ def _draw(kind, rng, name):
         return rng.normal(size=(1, ROWS, HIDDEN))
     if kind == "weight":
         return rng.normal(size=(1, HIDDEN, c))
+    # A distillation teacher: another hidden size, the same vocabulary.
+    if kind == "teacher_hidden":
+        return rng.normal(size=(1, ROWS, HIDDEN + 1))
+    if kind == "teacher_weight":
+        return rng.normal(size=(1, HIDDEN + 1, c))
     raise AssertionError(f"no generator for input kind {kind!r}")
 
 
@@ -117,7 +129,7 @@ def _case(name, option, reduction, seed=0):
             mask = np.broadcast_to(keep[..., None], (1, ROWS, c))
             kwargs["where"] = keep[0]
         rows["where"] = mask
-    elif option in ("weights", "bias"):
+    elif option in ("weights", "bias", "teacher_bias"):
         rows[option] = rng.uniform(0.5, 2.0, size=(1, c))
         kwargs[option] = rows[option][0]
     elif option == "pos_weight":
@@ -141,7 +153,8 @@ def _differentiable(name, kwargs):
     out = [
         n for n, k in zip(_param_names(name), d.inputs, strict=True) if k != "class_ids"
     ]
-    return out + [k for k in ("weights", "pos_weight", "bias") if k in kwargs]
+    arrays = ("weights", "pos_weight", "bias", "teacher_bias")
+    return out + [k for k in arrays if k in kwargs]
 
 
 def _cases():
@@ -257,6 +270,8 @@ def _bad_inputs(name):
         "pos_weight": [("pos_weight not floating point", jnp.ones(1, jnp.int32))],
         "block_size": [("block_size not positive", 0)],
         "bias": [("bias of the wrong shape", jnp.ones(CLASSES + 1))],
+        "teacher_bias": [("teacher_bias of the wrong shape", jnp.ones(CLASSES + 1))],
+        "hard_weight": [("hard_weight negative", -1.0)],
         "temperature": [("temperature not positive", 0.0)],
         "beta": [("beta outside [0, 1]", 1.5)],
         "epsilon": [("epsilon not finite", float("inf"))],
