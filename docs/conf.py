@@ -78,7 +78,12 @@ html_show_sourcelink = False
 
 logger = logging.getLogger(__name__)
 JAX_DOCS = "https://docs.jax.dev/en/latest/_autosummary/{}.html"
-JAX_NAMES = {"ArrayLike": "jax.typing.ArrayLike"}
+# Names the annotations resolve to, mapped to their public JAX names (a
+# NamedTuple field typed ``jax.Array`` is documented as jaxlib's class).
+JAX_NAMES = {
+    "ArrayLike": "jax.typing.ArrayLike",
+    "jax.jaxlib._jax.Array": "jax.Array",
+}
 
 
 class _Text:

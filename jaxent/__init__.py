@@ -25,6 +25,7 @@ from ._divergence import (
 )
 from ._divergence import softmax_entropy as softmax_entropy
 from ._divergence import softmax_kl_divergence as softmax_kl_divergence
+from ._linear import LinearCrossEntropyAux as LinearCrossEntropyAux
 from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
@@ -32,6 +33,7 @@ from ._softmax import softmax as softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearCrossEntropyAux",
     "convex_kl_divergence",
     "cross_entropy",
     "entropy",

@@ -144,11 +144,14 @@ def linear_softmax_cross_entropy(
       D=4096, V=128256 bf16: 65.6 ms against 36.5 ms for the three bare
       matmuls).
     * ``"pallas"``: hand-written Triton kernels (forward; ``d hidden``; ``d
-      weight``, see :mod:`jaxent._pallas_linear`) that keep every logits tile
+      weight``, in ``jaxent/_pallas_linear.py``) that keep every logits tile
       on chip. float32, bfloat16 and float16 only. On CUDA they are compiled;
       on any other platform (CPU included) the same kernels run in Pallas
-      interpret mode, which is slow and meant for tests. Their GPU speed has
-      not been measured yet (``benchmarks/gpu_check.py`` does it).
+      interpret mode, which is slow and meant for tests (and, in JAX 0.10,
+      fails inside ``shard_map`` with ``check_vma=True``: the interpreter
+      mixes varying and invariant values; the compiled kernels do not). Their
+      GPU speed has not been measured yet (``benchmarks/gpu_check.py`` does
+      it).
     * ``None``: the fastest correct path for the platform the program is
       lowered for (a lowering-time choice, so ahead-of-time exports get the
       target's path). Until the kernels are timed on a GPU this is ``"xla"``
@@ -202,7 +205,7 @@ def linear_softmax_cross_entropy(
       implementation: ``"xla"``, ``"pallas"`` or ``None`` (see above). With
         ``None``, inputs the kernels do not take run on ``"xla"``; with
         ``"pallas"`` they raise a ValueError naming the argument.
-      return_aux: also return a :class:`LinearCrossEntropyAux` of per-token
+      return_aux: also return a :class:`jaxent.LinearCrossEntropyAux` of per-token
         ``lse`` and ``argmax``.
 
     Returns:
