@@ -248,3 +248,17 @@ BAD = [
 def test_bad_input(f, args, kw, error, match):
     with pytest.raises(error, match=match):
         jax.jit(lambda *a: f(*a, **kw)).lower(*args)
+
+
+def test_cross_entropy_boundary_gradient_agrees_with_reference():
+    """At ``p > 0, q = 0`` the gradient w.r.t. ``q`` is ``-p / q = -inf`` in both;
+    at ``p = 0`` every partial is 0 (``0 log 0 = 0``), finite ``log q`` kept."""
+    p = jnp.array([0.5, 0.5, 0.0, 0.0])
+    q = jnp.array([1.0, 0.0, 0.0, 0.5])
+    grads = [
+        jax.grad(lambda p, q, f=f: f(p, q), (0, 1))(p, q)
+        for f in (jaxent.cross_entropy, reference.cross_entropy)
+    ]
+    for dp, dq in grads:
+        np.testing.assert_array_equal(dq, [-0.5, -np.inf, 0.0, 0.0])
+        np.testing.assert_array_equal(dp, [0.0, np.inf, 0.0, -np.log(0.5)])
