@@ -96,10 +96,13 @@ def plain_normalizer(x, axes, mask, axis_name):
     """Row max (gradient stopped) and ``log sum exp(x - max)`` of ``x`` (in its
     compute dtype) over the entries ``mask`` admits; ``(0, 0)`` on a row with
     no admissible class."""
-    m = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
+    # Stopped before the pmax, which has no differentiation rule.
+    m = lax.stop_gradient(
+        jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
+    )
     if axis_name is not None:
         m = lax.pmax(m, axis_name)
-    m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0.0, m))
+    m = jnp.where(m == -jnp.inf, 0.0, m)
     s = plain_sum(jnp.exp(x - m), axes, axis_name, where=mask)
     return m, jnp.log(jnp.where(s == 0, 1.0, s))
 
