@@ -30,7 +30,7 @@ training diverge).
 Those two kernels cannot keep their accumulators on chip when ``D`` is large
 (``[block_n, D]`` float32 rows of ``d hidden``, ``[D, block_v]`` columns of ``d
 weight``): they read and write them in memory once per tile, ``N V D (8 /
-block_v + 8 / block_n)`` bytes in all (about 750 GB at the Llama-3-8B head with
+block_v + 8 / block_n)`` bytes in all (about 800 GB at the Llama-3-8B head with
 the default tiles, if L2 does not absorb it). ``BACKWARD = "tiles"`` is the
 alternative: :func:`grad_logits` recomputes each tile once and writes ``G`` in
 the input dtype for one vocabulary chunk of all tokens, which XLA's matmuls
