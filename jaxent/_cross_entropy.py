@@ -700,6 +700,36 @@ def _static_finite(fn: str, name: str, value, low: float = -math.inf) -> float:
     return value
 
 
+def _coefficient(fn: str, name: str, value, shape, dtype, check):
+    """A loss coefficient (``epsilon``, ``alpha``, ``gamma``) as optax takes it:
+    ``(static, None)`` for a concrete Python or NumPy scalar (a static Python
+    float that selects the compiled program, checked by ``check``), else
+    ``(None, array)`` for an array-like broadcastable to ``shape`` (traced
+    values included, which are not checked; concrete arrays are), floating.
+    """
+    if not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0:
+        return check(fn, name, value), None
+    if not isinstance(value, jax.core.Tracer):
+        # Concrete: checked at its extremes (NaN propagates to both).
+        a = np.asarray(value)
+        if a.size and jnp.issubdtype(a.dtype, jnp.number):
+            check(fn, name, a.min().item())
+            check(fn, name, a.max().item())
+    value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(dtype)
+    try:
+        ok = jnp.broadcast_shapes(value.shape, shape) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn}: `{name}` must be a scalar or broadcast to {tuple(shape)}; "
+            f"got {describe(value)}."
+        )
+    return None, value
+
+
 def _broadcast_labels(fn: str, labels, x: jax.Array) -> jax.Array:
     """Labels broadcast to the logits' shape, as optax allows (their gradient
     is summed back by the broadcast's transpose)."""
@@ -769,7 +799,7 @@ class _PolyOpts(NamedTuple):
     """Static options of the Poly-1 rule."""
 
     axes: tuple[int, ...]
-    epsilon: float
+    epsilon: float | None  # None: an array argument of the rule
     axis_name: Hashable | None
 
 
@@ -779,7 +809,7 @@ def poly_loss_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    epsilon: float = 2.0,
+    epsilon: ArrayLike = 2.0,
     axis: Axis = -1,
     where: ArrayLike | None = None,
     reduction: str = "none",
@@ -798,8 +828,9 @@ def poly_loss_cross_entropy(
       logits: floating array ``[..., C, ...]``.
       labels: probabilities broadcastable to the logits' shape.
       epsilon: the coefficient of the first polynomial term (``2.0`` for
-        ImageNet classification, ``-1.0`` for detection in the paper); a static
-        finite Python float.
+        ImageNet classification, ``-1.0`` for detection in the paper): a finite
+        scalar or an array broadcastable to the batch shape (one per example),
+        traced or not, as optax takes it.
       axis: class axis (or axes; ``None`` for all).
       where: boolean mask of the logits' rank broadcastable to them (classes to
         include, optax's meaning: ``softmax`` and both sums run over them) or of
@@ -827,18 +858,25 @@ def poly_loss_cross_entropy(
       ``-inf`` logit gives ``+inf``; ``+inf``/NaN logits give NaN. A
       ``jax.custom_vjp``: ``jax.jvp`` of it fails, use :mod:`jaxent.reference`
       for forward mode; Hessians and ``jax.jvp(jax.grad(f))`` work (the rule's
-      backward is plain JAX).
+      backward is plain JAX). Gradient w.r.t. ``epsilon`` ``sum(y * (1 - p))``
+      per example, summed to its shape. A concrete Python number ``epsilon`` is
+      compiled in as a constant and checked to be finite, as is a concrete
+      array; a traced one is not checked (nor is it by optax).
     """
     fn = "poly_loss_cross_entropy"
     x = as_float(fn, "logits", logits)
     labels = _broadcast_labels(fn, as_probs(fn, "labels", labels), x)
-    eps = _static_finite(fn, "epsilon", epsilon)
     axes = canonical_axes(fn, axis, x.ndim)
+    rows = batch_shape(x.shape, axes)
+    eps, eps_array = _coefficient(fn, "epsilon", epsilon, rows, x.dtype, _static_finite)
+    if eps_array is not None:
+        # Per example; the broadcast's transpose sums its cotangent back.
+        eps_array = jnp.broadcast_to(eps_array, rows)
     check_reduction(fn, reduction)
     check_axis_name(fn, axis_name, axes)
     cmask = loss_mask(fn, where, x.shape, axes)
     opts = _PolyOpts(axes, eps, axis_name)
-    loss = impl(_POLY_CE)(opts, x, labels, cmask)
+    loss = impl(_POLY_CE)(opts, x, labels, cmask, eps_array)
     keep = None if cmask is None else has_class(cmask, axes, axis_name)
     count = None if keep is None else count_rows(jnp.squeeze(keep, axes), loss.shape)
     return reduce_loss(loss, reduction, count).astype(x.dtype)
@@ -852,13 +890,23 @@ def _poly_labels(y: jax.Array, cmask, dtype) -> jax.Array:
 # Poly-1 on one row of logits x (-inf at excluded classes), p = softmax(x):
 #   loss = sumy * ls - <y, x - m> + eps * (sumy - <y, p>),
 # d x = g * (p * (sumy + eps <y, p> - eps y) - y),
-# d y = g * (ls - (x - m) + eps * (1 - p)).
+# d y = g * (ls - (x - m) + eps * (1 - p)),
+# d eps = g * (sumy - <y, p>).
+# eps is opts.epsilon (static) or, when that is None, the array argument
+# (batch-shaped); see _poly_eps.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _poly_ce(opts, x, y, cmask):
-    return _poly_ce_fwd(opts, x, y, cmask)[0]
+def _poly_ce(opts, x, y, cmask, eps):
+    return _poly_ce_fwd(opts, x, y, cmask, eps)[0]
 
 
-def _poly_ce_fwd(opts, x, y_in, cmask):
+def _poly_eps(opts, eps, dtype):
+    """``epsilon`` to multiply keepdims per-row terms with."""
+    if opts.epsilon is not None:
+        return opts.epsilon
+    return jnp.expand_dims(eps.astype(dtype), opts.axes)
+
+
+def _poly_ce_fwd(opts, x, y_in, cmask, eps_in):
     axes, name = opts.axes, opts.axis_name
     xf = upcast(x, cmask)
     m, ls = normalizer(xf, axes, name)
@@ -867,14 +915,14 @@ def _poly_ce_fwd(opts, x, y_in, cmask):
     # x - m <= 0 (-inf where excluded): 0 * -inf is 0 without a select.
     lin = class_sum(mul0_nonpos(y, shifted(xf, m)), axes, name)
     yp = class_sum(y * probs(xf, m, ls), axes, name)
-    loss = sumy * ls - lin + opts.epsilon * (sumy - yp)
-    return jnp.squeeze(loss, axes), (x, y_in, cmask, m, ls, sumy, yp)
+    loss = sumy * ls - lin + _poly_eps(opts, eps_in, xf.dtype) * (sumy - yp)
+    return jnp.squeeze(loss, axes), (x, y_in, cmask, eps_in, m, ls, sumy, yp)
 
 
 def _poly_ce_bwd(opts, res, g):
-    x, y_in, cmask, m, ls, sumy, yp = res
-    eps = opts.epsilon
+    x, y_in, cmask, eps_in, m, ls, sumy, yp = res
     xf = upcast(x, cmask)
+    eps = _poly_eps(opts, eps_in, xf.dtype)
     y = _poly_labels(y_in, cmask, xf.dtype)
     coef = jnp.expand_dims(g, opts.axes)
     p = probs(xf, m, ls)
@@ -883,24 +931,32 @@ def _poly_ce_bwd(opts, res, g):
     dy = coef * (dweight(y, ls - shifted(xf, m)) + eps * (1 - p))
     if cmask is not None:
         dy = jnp.where(cmask, dy, 0.0)
-    return like(dx.astype(x.dtype), x), like(dy.astype(y_in.dtype), y_in), None
+    deps = None
+    if eps_in is not None:
+        # Over this device's classes: with a vocab-parallel axis, epsilon was
+        # cast to vary over it (Rule.call) and that cast's transpose sums.
+        deps = jnp.sum(mul0(y, 1 - p), axis=opts.axes) * upcast(g)
+        deps = like(deps.astype(eps_in.dtype), eps_in)
+    dx, dy = like(dx.astype(x.dtype), x), like(dy.astype(y_in.dtype), y_in)
+    return dx, dy, None, deps
 
 
 _poly_ce.defvjp(_poly_ce_fwd, _poly_ce_bwd)
 
 
-def _poly_ce_plain(opts, x, y, cmask):
+def _poly_ce_plain(opts, x, y, cmask, eps):
     axes, name = opts.axes, opts.axis_name
     xf = upcast(x, cmask)
     logp = plain_log_softmax(xf, cmask, axes, name)
     y = _poly_labels(y, cmask, xf.dtype)
     y_logp = y * jnp.where((y == 0) & jnp.isinf(logp), 0.0, logp)
     loss = -plain_sum(y_logp, axes, name)
-    loss = loss + opts.epsilon * plain_sum(y * (1 - jnp.exp(logp)), axes, name)
+    eps = _poly_eps(opts, eps, xf.dtype)
+    loss = loss + eps * plain_sum(y * (1 - jnp.exp(logp)), axes, name)
     return jnp.squeeze(loss, axes)
 
 
-_POLY_CE = Rule(_poly_ce, _poly_ce_plain, diff=(1, 2))
+_POLY_CE = Rule(_poly_ce, _poly_ce_plain, diff=(1, 2, 4))
 
 
 @loss("logits", "binary")
@@ -1033,8 +1089,8 @@ def sigmoid_focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    alpha: float | None = None,
-    gamma: float = 2.0,
+    alpha: ArrayLike | None = None,
+    gamma: ArrayLike = 2.0,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Elementwise sigmoid focal loss on logits (Lin et al. 2017).
@@ -1053,9 +1109,11 @@ def sigmoid_focal_loss(
       labels: targets in ``[0, 1]`` broadcastable to the logits' shape
         (ints/bools are cast).
       alpha: weight of the positive term in ``[0, 1]`` (the negative one gets
-        ``1 - alpha``), or None for no weighting; a static Python float.
+        ``1 - alpha``), or None for no weighting: a scalar or an array
+        broadcastable to the logits' shape, traced or not, as optax takes it.
       gamma: focusing exponent ``>= 0`` (``0``: ``alpha_t`` times the binary
-        cross-entropy); a static Python float.
+        cross-entropy): a scalar or an array broadcastable to the logits'
+        shape, traced or not.
       reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over all
         elements).
 
@@ -1081,7 +1139,12 @@ def sigmoid_focal_loss(
       label gives ``+inf``; NaN logits give NaN. A ``jax.custom_vjp``:
       ``jax.jvp`` of it fails, use :mod:`jaxent.reference` for forward mode;
       Hessians and ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain
-      JAX).
+      JAX). Gradients w.r.t. ``alpha`` ``(2y - 1) w BCE`` and w.r.t. ``gamma``
+      ``alpha_t w log(u) BCE`` (0 where ``w BCE`` is 0), summed to their
+      shapes. A concrete Python number ``alpha`` or ``gamma`` is compiled in as
+      a constant (``gamma = 0`` and ``alpha = None`` skip their terms) and
+      checked (``alpha`` in ``[0, 1]``, ``gamma`` finite and ``>= 0``), as is a
+      concrete array; traced ones are not checked (nor are they by optax).
     """
     fn = "sigmoid_focal_loss"
     x = as_float(fn, "logits", logits)
@@ -1089,17 +1152,32 @@ def sigmoid_focal_loss(
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(x.dtype)
     labels = _broadcast_labels(fn, labels, x)
+    alpha_array = None
     if alpha is not None:
-        alpha = check_fraction(fn, "alpha", alpha)
-    gamma = _static_finite(fn, "gamma", gamma, low=0.0)
+        alpha, alpha_array = _coefficient(
+            fn, "alpha", alpha, x.shape, x.dtype, check_fraction
+        )
+    gamma, gamma_array = _coefficient(
+        fn, "gamma", gamma, x.shape, x.dtype, _static_gamma
+    )
     check_reduction(fn, reduction)
-    loss = impl(_FOCAL)(_FocalOpts(alpha, gamma), x, labels)
+    opts = _FocalOpts(alpha, gamma, alpha_array is not None, gamma_array is not None)
+    loss = impl(_FOCAL)(opts, x, labels, alpha_array, gamma_array)
     return reduce_loss(loss, reduction).astype(x.dtype)
 
 
+def _static_gamma(fn: str, name: str, value) -> float:
+    return _static_finite(fn, name, value, low=0.0)
+
+
 class _FocalOpts(NamedTuple):
+    """Static options of the focal rule: a static ``alpha``/``gamma``, or the
+    flags saying that the rule's array argument gives it."""
+
     alpha: float | None
-    gamma: float
+    gamma: float | None
+    alpha_array: bool = False
+    gamma_array: bool = False
 
 
 class _FocalTerms(NamedTuple):
@@ -1115,9 +1193,20 @@ class _FocalTerms(NamedTuple):
     tiny: jax.Array  # u below the smallest normal float
     w: jax.Array | None  # u**gamma (None: gamma = 0)
     a: jax.Array | None  # alpha_t (None: no alpha)
+    log_u: jax.Array | None  # log u, exact where u underflows (None: gamma = 0)
+    alpha: jax.Array | float | None
+    gamma: jax.Array | float | None
 
 
-def _focal_terms(opts: _FocalOpts, x, y_in) -> _FocalTerms:
+def _focal_coefs(opts: _FocalOpts, alpha, gamma, dtype):
+    """``(alpha, gamma)`` as the formulas take them: static floats, arrays in
+    the compute dtype, or None (no ``alpha``; ``gamma`` statically 0)."""
+    alpha = alpha.astype(dtype) if opts.alpha_array else opts.alpha
+    gamma = gamma.astype(dtype) if opts.gamma_array else (opts.gamma or None)
+    return alpha, gamma
+
+
+def _focal_terms(opts: _FocalOpts, x, y_in, alpha, gamma) -> _FocalTerms:
     xf = upcast(x)
     y = y_in.astype(xf.dtype)
     sp_pos, sp_neg = _softplus_pair(xf)
@@ -1128,36 +1217,43 @@ def _focal_terms(opts: _FocalOpts, x, y_in) -> _FocalTerms:
     # in [0, 1] it underflows only where y is 0 (x < 0) or 1 (x > 0), and then
     # it is sigmoid(-|x|), whose log -softplus(|x|) is exact.
     tiny = (u >= 0) & (u < jnp.finfo(u.dtype).tiny)
-    w = None
-    if opts.gamma:
+    alpha, gamma = _focal_coefs(opts, alpha, gamma, xf.dtype)
+    w = log_u = None
+    if gamma is not None:
         log_u = jnp.where(
             tiny, -jnp.maximum(sp_pos, sp_neg), jnp.log(jnp.where(tiny, 1.0, u))
         )
-        w = jnp.exp(opts.gamma * log_u)
+        w = jnp.exp(gamma * log_u)
+        if opts.gamma_array:
+            w = jnp.where(gamma == 0, 1.0, w)  # u**0 = 1, at u = 0 too
     a = None
-    if opts.alpha is not None:
-        a = opts.alpha * y + (1 - opts.alpha) * (1 - y)
-    return _FocalTerms(y, sp_pos, sp_neg, sig_pos, sig_neg, ce, u, tiny, w, a)
+    if alpha is not None:
+        a = alpha * y + (1 - alpha) * (1 - y)
+    return _FocalTerms(
+        y, sp_pos, sp_neg, sig_pos, sig_neg, ce, u, tiny, w, a, log_u, alpha, gamma
+    )
 
 
+# alpha and gamma are the arrays given (opts.alpha_array, opts.gamma_array) or
+# None (static in opts).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _focal(opts, x, y):
-    return _focal_fwd(opts, x, y)[0]
+def _focal(opts, x, y, alpha, gamma):
+    return _focal_fwd(opts, x, y, alpha, gamma)[0]
 
 
-def _focal_fwd(opts, x, y_in):
-    t = _focal_terms(opts, x, y_in)
+def _focal_fwd(opts, x, y_in, alpha, gamma):
+    t = _focal_terms(opts, x, y_in, alpha, gamma)
     loss = t.ce if t.w is None else t.ce * t.w  # w = 0 only where ce = 0
     if t.a is not None:
         loss = mul0_nonneg(t.a, loss)
-    return loss, (x, y_in)
+    return loss, (x, y_in, alpha, gamma)
 
 
 def _focal_bwd(opts, res, g):
-    x, y_in = res
+    x, y_in, alpha_in, gamma_in = res
     # Recomputed apart from the forward (see _sigmoid_bce_bwd).
-    t = _focal_terms(opts, fusion_barrier(x), y_in)
-    y, gamma = t.y, opts.gamma
+    t = _focal_terms(opts, fusion_barrier(x), y_in, alpha_in, gamma_in)
+    y, gamma = t.y, t.gamma
     dx = (1 - y) * t.sig_pos - y * t.sig_neg  # d ce / d x
     dy = dweight(y, t.sp_neg) - dweight(1 - y, t.sp_pos)  # d ce / d y (= -x)
     if t.w is not None:
@@ -1173,18 +1269,28 @@ def _focal_bwd(opts, res, g):
         ce_u = jnp.where(t.tiny, 1.0, t.ce / safe_u)
         dx = t.w * dx + gamma * t.w * mul0(r * (1 - 2 * y), t.ce)
         dy = mul0(t.w, dy) + gamma * t.w * ce_u * (t.sig_neg - t.sig_pos)
+    ce_w = t.ce if t.w is None else t.ce * t.w
     if t.a is not None:
-        ce_w = t.ce if t.w is None else t.ce * t.w
         dx = t.a * dx
-        dy = mul0(t.a, dy) + mul0(jnp.asarray(2 * opts.alpha - 1, y.dtype), ce_w)
+        dy = mul0(t.a, dy) + mul0(jnp.asarray(2 * t.alpha - 1, y.dtype), ce_w)
     g = upcast(g)
-    return (g * dx).astype(x.dtype), (g * dy).astype(y_in.dtype)
+    dalpha = dgamma = None
+    if alpha_in is not None:
+        dalpha = g * mul0(2 * y - 1, ce_w)
+        dalpha = sum_to_shape(dalpha, alpha_in.shape).astype(alpha_in.dtype)
+    if gamma_in is not None:
+        # d (u**gamma) / d gamma = w log u: 0 where w ce is (u = 0 included).
+        dgamma = mul0(ce_w, t.log_u)
+        if t.a is not None:
+            dgamma = mul0(t.a, dgamma)
+        dgamma = sum_to_shape(g * dgamma, gamma_in.shape).astype(gamma_in.dtype)
+    return (g * dx).astype(x.dtype), (g * dy).astype(y_in.dtype), dalpha, dgamma
 
 
 _focal.defvjp(_focal_fwd, _focal_bwd)
 
 
-def _focal_plain(opts, x, y):
+def _focal_plain(opts, x, y, alpha, gamma):
     """The formula as written, with ``0 * inf = 0``. Not optax's
     ``logsumexp(..., b=[1 - y, y])``: JAX drops the terms whose ``b`` is 0, and
     with them their derivative w.r.t. ``b``, so autodiff of it is wrong w.r.t.
@@ -1196,12 +1302,13 @@ def _focal_plain(opts, x, y):
         return w * jnp.where((w == 0) & jnp.isinf(v), 0.0, v)
 
     loss = times(y, jax.nn.softplus(-xf)) + times(1 - y, jax.nn.softplus(xf))
-    if opts.gamma:
+    alpha, gamma = _focal_coefs(opts, alpha, gamma, xf.dtype)
+    if gamma is not None:
         u = y * jax.nn.sigmoid(-xf) + (1 - y) * jax.nn.sigmoid(xf)
-        loss = loss * jnp.exp(opts.gamma * jnp.log(u))
-    if opts.alpha is not None:
-        loss = times(opts.alpha * y + (1 - opts.alpha) * (1 - y), loss)
+        loss = loss * jnp.exp(gamma * jnp.log(u))
+    if alpha is not None:
+        loss = times(alpha * y + (1 - alpha) * (1 - y), loss)
     return loss
 
 
-_FOCAL = Rule(_focal, _focal_plain, diff=(1, 2))
+_FOCAL = Rule(_focal, _focal_plain, diff=(1, 2, 3, 4))

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import types
+import warnings
 from collections.abc import Callable
 
 from ._sharding import align_vma
@@ -143,10 +144,15 @@ def loss(*inputs: str, where: str = "both") -> Callable[[Callable], Callable]:
     return register
 
 
-def _renamed(fn: Callable, old: str, new: str) -> Callable:
-    """``fn`` whose argument errors (``"old: `arg` ..."``) name ``new``."""
+def _renamed(
+    fn: Callable, old: str, new: str, deprecation: str | None = None
+) -> Callable:
+    """``fn`` whose argument errors (``"old: `arg` ..."``) name ``new``, and
+    that warns ``deprecation`` (a ``DeprecationWarning``) when given one."""
 
     def call(*args, **kwargs):
+        if deprecation is not None:
+            warnings.warn(deprecation, DeprecationWarning, stacklevel=2)
         try:
             return fn(*args, **kwargs)
         except (TypeError, ValueError) as e:
@@ -158,12 +164,18 @@ def _renamed(fn: Callable, old: str, new: str) -> Callable:
     return call
 
 
-def alias(name: str, target: Callable, note: str) -> Callable:
+def alias(
+    name: str, target: Callable, note: str, deprecation: str | None = None
+) -> Callable:
     """Registers ``name`` as another name of the loss ``target`` (optax keeps
-    deprecated aliases); returns the public function."""
+    deprecated aliases); returns the public function. With ``deprecation``,
+    both it and its twin warn that message as a ``DeprecationWarning``."""
     base = REGISTRY[target.__name__]
-    public = functools.wraps(base.public)(_renamed(base.public, base.name, name))
-    twin = functools.wraps(base.reference)(_renamed(base.reference, base.name, name))
+    renamed = functools.partial(
+        _renamed, old=base.name, new=name, deprecation=deprecation
+    )
+    public = functools.wraps(base.public)(renamed(base.public))
+    twin = functools.wraps(base.reference)(renamed(base.reference))
     for fn in (public, twin):
         fn.__name__ = fn.__qualname__ = name
         del fn.__wrapped__

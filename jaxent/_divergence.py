@@ -448,7 +448,12 @@ convex_kl_divergence = alias(
     "convex_kl_divergence",
     generalized_kl_divergence,
     "optax keeps this name as a deprecated alias of "
-    "``optax.losses.generalized_kl_divergence``.",
+    "``optax.losses.generalized_kl_divergence``; calling it warns a "
+    "``DeprecationWarning``, as optax's does.",
+    deprecation=(
+        "convex_kl_divergence is deprecated (as in optax): use "
+        "generalized_kl_divergence, which it calls."
+    ),
 )
 
 

@@ -606,15 +606,17 @@ def _bad_cases():
             ((x, y), {"axis": 1.5}, TypeError, "axis"),
             ((x, y), {"where": np.ones((2,), bool)}, ValueError, "where"),
             ((x, y), {"epsilon": np.inf}, ValueError, "epsilon"),
-            ((x, y), {"epsilon": TRACED}, TypeError, "epsilon"),
+            ((x, y), {"epsilon": np.array([1.0, np.nan, 0.0])}, ValueError, "epsilon"),
+            ((x, y), {"epsilon": np.ones(4)}, ValueError, "epsilon"),
         ],
         FOCAL: [
             ((x[0], y), {}, ValueError, 1),
             ((x, y), {"alpha": 1.5}, ValueError, "alpha"),
-            ((x, y), {"alpha": TRACED}, TypeError, "alpha"),
+            ((x, y), {"alpha": np.array([0.5, 0.2, -0.1, 1.0])}, ValueError, "alpha"),
+            ((x, y), {"alpha": np.full((2, 4), 0.5)}, ValueError, "alpha"),
             ((x, y), {"gamma": -1.0}, ValueError, "gamma"),
             ((x, y), {"gamma": np.nan}, ValueError, "gamma"),
-            ((x, y), {"gamma": TRACED}, TypeError, "gamma"),
+            ((x, y), {"gamma": np.array([[2.0], [-1.0], [0.0]])}, ValueError, "gamma"),
         ],
         GKL: [
             ((x, yi), {}, TypeError, 1),
@@ -795,3 +797,143 @@ def test_convex_kl_divergence_is_a_registered_alias():
     assert f":func:`jaxent.{GKL}`" in jaxent.convex_kl_divergence.__doc__
     assert "convex_kl_divergence" in jaxent.__all__
     assert "convex_kl_divergence" in reference.__all__
+
+
+# -- array-like epsilon, alpha and gamma (optax takes them traced) ----------------
+
+
+def _coefficient_cases():
+    """``(name, shape, fixed keywords, {coefficient: value})`` with scalars and
+    arrays broadcastable to the per-example (poly) or elementwise (focal) shape;
+    binary labels too for focal (where ``w BCE`` has zeros and ``log u`` is
+    large)."""
+    rng = _rng(7)
+    return [
+        (POLY, (3, 5), {}, {"epsilon": np.float64(1.5)}),
+        (POLY, (3, 5), {}, {"epsilon": rng.normal(size=(3,))}),
+        (POLY, (3, 4, 2), {"axis": 1}, {"epsilon": rng.normal(size=(3, 1))}),
+        (FOCAL, (3, 4), {}, {"alpha": np.float64(0.3), "gamma": np.float64(1.5)}),
+        (
+            FOCAL,
+            (3, 4),
+            {},
+            {"alpha": rng.uniform(size=(4,)), "gamma": np.float64(0.0)},
+        ),
+        (FOCAL, (3, 4), {}, {"gamma": rng.uniform(0.0, 3.0, (3, 1))}),
+        (
+            FOCAL,
+            (3, 4),
+            {"binary": True},
+            {"alpha": np.float64(0.7), "gamma": 0.5 + rng.uniform(size=(3, 4))},
+        ),
+    ]
+
+
+def _coefficient_inputs(name, shape, kw):
+    x, y = _inputs(name, shape, kw.get("axis", -1))
+    if kw.get("binary"):
+        y = np.round(y)
+    return x, y, {k: v for k, v in kw.items() if k != "binary"}
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_traced_coefficients_match_optax(case):
+    """epsilon/alpha/gamma passed through ``jax.jit`` (traced): optax's values,
+    from the public function and the twin alike."""
+    name, shape, kw, coefs = _coefficient_cases()[case]
+    x, y, kw = _coefficient_inputs(name, shape, kw)
+
+    def run(c):
+        return {
+            f"{mod.__name__}": (
+                getattr(mod, name)(x, y, **kw, **c),
+                _optax(name)(x, y, **kw, **c),
+            )
+            for mod in (jaxent, reference)
+        }
+
+    _check_all(jax.jit(run)({k: jnp.asarray(v) for k, v in coefs.items()}))
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_coefficient_gradients_match_reference_and_finite_differences(case):
+    """Gradients w.r.t. epsilon/alpha/gamma (float64, summed to their shapes)
+    equal ``jax.grad`` of the reference and finite differences."""
+    name, shape, kw, coefs = _coefficient_cases()[case]
+    x, y, kw = _coefficient_inputs(name, shape, kw)
+    keys = tuple(coefs)
+
+    def scalar(mod):
+        def f(*c):
+            out = getattr(mod, name)(x, y, **kw, **dict(zip(keys, c, strict=True)))
+            return jnp.sum(jnp.sin(out) + out)
+
+        return f
+
+    args = tuple(jnp.asarray(v, jnp.float64) for v in coefs.values())
+    f, f_ref = scalar(jaxent), scalar(reference)
+    argnums = tuple(range(len(args)))
+
+    def run(*c):
+        return [jax.grad(fn, argnums)(*c) for fn in (f, f_ref)]
+
+    grads, grads_ref = jax.jit(run)(*args)
+    for k, a, b, v in zip(keys, grads, grads_ref, args, strict=True):
+        assert a.shape == v.shape and a.dtype == jnp.float64, k
+        _check(f"d/d{k}", a, b, kind="grad")
+    check_grads(jax.jit(f), args, order=1, modes=["rev"])
+
+
+def test_focal_gamma_gradient_at_saturated_logits():
+    """``d/d gamma`` is 0 where ``w BCE`` is 0 (an infinite logit on its own
+    label, ``u = 0``) and finite where ``u`` underflows, for traced gamma."""
+    x = jnp.array([-jnp.inf, jnp.inf, -200.0, 200.0, 1.0])
+    y = jnp.array([0.0, 1.0, 0.0, 1.0, 1.0])
+
+    def f(gamma, alpha):
+        return jnp.sum(jaxent.sigmoid_focal_loss(x, y, gamma=gamma, alpha=alpha))
+
+    for gamma in (0.0, 0.5, 2.0):
+        v, (dg, da) = jax.value_and_grad(f, (0, 1))(
+            jnp.float64(gamma), jnp.float64(0.25)
+        )
+        assert np.isfinite(v) and np.isfinite(dg) and np.isfinite(da), gamma
+        fixed = jaxent.sigmoid_focal_loss(x, y, gamma=gamma, alpha=0.25)
+        _check(f"value gamma={gamma}", v, jnp.sum(fixed))
+
+
+def _vjp_operands(f, *args) -> int:
+    """How many arrays the loss's custom_vjp takes."""
+    eqns = [
+        e for e in jax.make_jaxpr(f)(*args).eqns if "custom_vjp" in str(e.primitive)
+    ]
+    assert len(eqns) == 1, eqns
+    return len(eqns[0].invars)
+
+
+def test_static_coefficients_are_compiled_in():
+    """A Python number stays out of the rule's operands (a constant of the
+    compiled program, gamma = 0 and alpha = None skipping their terms); an
+    array is one operand more each."""
+    x, y = _inputs(FOCAL, (3, 4))
+    g = jnp.float64(0.5)
+    focal = jaxent.sigmoid_focal_loss
+    assert _vjp_operands(lambda a: focal(a, y, gamma=0.0), x) == 2
+    assert _vjp_operands(lambda a: focal(a, y, gamma=0.0, alpha=0.25), x) == 2
+    assert _vjp_operands(lambda a, g: focal(a, y, gamma=g), x, g) == 3
+    assert _vjp_operands(lambda a, g: focal(a, y, gamma=g, alpha=g), x, g) == 4
+    xp, yp = _inputs(POLY, (3, 5))
+    poly = jaxent.poly_loss_cross_entropy
+    assert _vjp_operands(lambda a: poly(a, yp, epsilon=2.0), xp) == 2
+    assert _vjp_operands(lambda a, e: poly(a, yp, epsilon=e), xp, g) == 3
+
+
+def test_convex_kl_divergence_warns_as_optax():
+    lp, t = _inputs(GKL, (3, 4))
+    for mod in (jaxent, reference):
+        with pytest.warns(DeprecationWarning, match="use generalized_kl_divergence"):
+            out = mod.convex_kl_divergence(lp, t)
+        _check(mod.__name__, out, mod.generalized_kl_divergence(lp, t))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxent.generalized_kl_divergence(lp, t)

@@ -1,0 +1,96 @@
+"""optax's own tests of its classification losses, run unchanged against jaxent.
+
+Every function whose name ``optax.losses`` has is swapped into optax's module,
+and the test classes that exercise those functions run as optax wrote them:
+"swap the import and nothing else changes". The one allowed difference is
+forward mode of the loss itself (``jax.jvp``, ``check_grads(modes=["fwd"])``),
+which a ``custom_vjp`` cannot do by design (``jaxent.reference`` can); each
+such optax test is listed in ``FORWARD_MODE`` and must fail with JAX's
+custom_vjp error, not another.
+"""
+
+from __future__ import annotations
+
+import unittest
+import warnings
+
+import jax
+import pytest
+
+import jaxent
+
+pytestmark = pytest.mark.slow
+
+classification = pytest.importorskip("optax.losses._classification")
+optax_tests = pytest.importorskip(
+    "optax.losses._classification_test",
+    reason="this optax wheel does not ship its tests",
+)
+
+CLASSES = (
+    "SoftmaxCrossEntropyTest",
+    "SafeSoftmaxCrossEntropyTest",
+    "SoftmaxCrossEntropyWithIntegerLabelsTest",
+    "SigmoidCrossEntropyTest",
+    "PolyLossTest",
+    "GeneralizedKLDivergenceTest",
+    "KLDivergenceTest",
+    "KLDivergenceWithLogTargetsTest",
+    "SigmoidFocalLossTest",
+)
+# optax tests that take jax.jvp of the loss itself (check_grads in both modes).
+FORWARD_MODE = {
+    "SafeSoftmaxCrossEntropyTest.test_gradient",
+    "SoftmaxCrossEntropyTest.test_gradient",
+    "SoftmaxCrossEntropyWithIntegerLabelsTest.test_gradient",
+}
+SWAPPED = [
+    name
+    for name in jaxent.__all__
+    if name != "reference" and callable(getattr(classification, name, None))
+]
+
+
+def _name(test: unittest.TestCase) -> str:
+    """``Class.method`` of an optax test (its id names the parameters, whole
+    arrays included, after a space)."""
+    return ".".join(test.id().split(" ")[0].split(".")[-2:])
+
+
+def _tests():
+    """One param per optax test, with the id ``Class.method``: absltest names a
+    parametrized method's cases ``method0``, ``method1``, ..."""
+    loader = unittest.defaultTestLoader
+    for cls in CLASSES:
+        for test in loader.loadTestsFromTestCase(getattr(optax_tests, cls)):
+            yield pytest.param(test, id=_name(test))
+
+
+@pytest.fixture
+def jaxent_in_optax(monkeypatch):
+    for name in SWAPPED:
+        monkeypatch.setattr(classification, name, getattr(jaxent, name))
+
+
+def test_every_optax_name_is_swapped():
+    assert len(SWAPPED) >= 10, SWAPPED
+    for cls in CLASSES:
+        assert hasattr(optax_tests, cls), cls
+
+
+@pytest.mark.parametrize("test", list(_tests()))
+def test_optax_test_passes_with_jaxent(test, jaxent_in_optax):
+    result = unittest.TestResult()
+    # optax's tests mix float32 and float64 NumPy arrays in their own
+    # arithmetic: they run under JAX's default promotion, not the strict one
+    # of jaxent's suite (tests/conftest.py).
+    with warnings.catch_warnings(), jax.numpy_dtype_promotion("standard"):
+        warnings.simplefilter("default")
+        test.run(result)
+    problems = result.errors + result.failures
+    name = _name(test)
+    if name in FORWARD_MODE:
+        assert problems, f"{name} was expected to need forward mode"
+        assert all("forward-mode autodiff" in text for _, text in problems)
+        return
+    assert not problems, "\n".join(text for _, text in problems)
