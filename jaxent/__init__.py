@@ -27,6 +27,9 @@ from ._divergence import softmax_entropy as softmax_entropy
 from ._divergence import softmax_kl_divergence as softmax_kl_divergence
 from ._linear import LinearCrossEntropyAux as LinearCrossEntropyAux
 from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from ._linear_distill import (
+    linear_softmax_distillation as linear_softmax_distillation,
+)
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
 
@@ -41,6 +44,7 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_softmax_cross_entropy",
+    "linear_softmax_distillation",
     "log_softmax",
     "poly_loss_cross_entropy",
     "reference",

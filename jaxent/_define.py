@@ -86,9 +86,11 @@ class Definition:
     ``inputs`` names the kind of each positional array argument, for tests and
     benchmarks that draw inputs for every loss: ``"logits"``, ``"probs"``,
     ``"log_probs"``, ``"class_ids"``, ``"binary"`` (labels in [0, 1] of the
-    logits' shape), ``"hidden"``, ``"weight"``. ``where`` says which masks the
-    ``where`` argument takes: ``"both"`` (a class mask of the logits' shape or
-    an example mask of the batch shape), ``"classes"`` or ``"rows"``.
+    logits' shape), ``"hidden"``, ``"weight"``, ``"teacher_hidden"`` and
+    ``"teacher_weight"`` (a distillation teacher's head: another hidden size,
+    the same vocabulary). ``where`` says which masks the ``where`` argument
+    takes: ``"both"`` (a class mask of the logits' shape or an example mask of
+    the batch shape), ``"classes"`` or ``"rows"``.
     """
 
     name: str

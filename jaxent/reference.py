@@ -24,6 +24,7 @@ from . import (  # noqa: F401 (register)
     _distill,
     _divergence,
     _linear,
+    _linear_distill,
     _softmax,
 )
 from ._define import REGISTRY

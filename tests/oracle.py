@@ -173,6 +173,66 @@ def ref_linear_softmax_cross_entropy(xp, a, o, g):
     return value, out
 
 
+def ref_linear_softmax_distillation(xp, a, o, g):
+    """Materialized student logits ``x = h W + b`` and teacher logits ``t = h'
+    W' + b'`` (both capped): ``soft_weight`` times the generalized JSD of the
+    student from the teacher plus ``hard_weight`` times the integer-label
+    cross-entropy of ``x`` (at T = 1), per token; a token mask (``where``,
+    ``ignore_index``) excludes tokens. The teacher is frozen: zero gradients."""
+    hard, soft = o.get("hard_weight", 0.0), o.get("soft_weight", 1.0)
+    h, w = a["hidden"], a["weight"]
+    th, tw = a["teacher_hidden"], a["teacher_weight"]
+    x, t = xp.matmul(h, w), xp.matmul(th, tw)
+    if "bias" in a:
+        x = x + a["bias"][:, None, :]
+    if "teacher_bias" in a:
+        t = t + a["teacher_bias"][:, None, :]
+    cap = o.get("softcap")
+    if cap is not None:
+        capped = xp.tanh(x / cap)
+        x, t = cap * capped, cap * xp.tanh(t / cap)
+    labels = a["labels"]
+    kept = xp.ones(labels.shape, dtype=bool)
+    if "where" in a:
+        kept = kept & a["where"][..., 0]
+    if o.get("ignore_index") is not None:
+        kept = kept & (labels != o["ignore_index"])
+    unit = xp.ones(labels.shape, dtype=x.dtype)
+    loss, dx = xp.zeros_like(unit), xp.zeros_like(x)
+    if soft:
+        jsd_opts = {
+            "beta": o.get("beta", 0.5),
+            "temperature": o.get("temperature", 1.0),
+            "reduction": "none",
+        }
+        inner = {"logits": x, "target_logits": t}
+        jsd, grads = ref_softmax_generalized_jsd(xp, inner, jsd_opts, unit)
+        loss, dx = loss + soft * jsd, dx + soft * grads["logits"]
+    if hard:
+        inner = {"logits": x, "labels": xp.where(kept, labels, 0)}
+        ce, grads = ref_softmax_cross_entropy_with_integer_labels(
+            xp, inner, {"reduction": "none"}, unit
+        )
+        loss, dx = loss + hard * ce, dx + hard * grads["logits"]
+    count = xp.sum(kept, axis=1).astype(x.dtype)
+    value = _reduce(xp, xp.where(kept, loss, 0), o["reduction"], count)
+    coef = xp.where(kept[..., None], _coef(xp, g, o["reduction"], x.shape, count), 0)
+    dx = coef * dx
+    if cap is not None:
+        dx = dx * (1 - capped**2)
+    out = {
+        "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
+        "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
+        "teacher_hidden": xp.zeros_like(th),
+        "teacher_weight": xp.zeros_like(tw),
+    }
+    if "bias" in a:
+        out["bias"] = xp.sum(dx, axis=1)
+    if "teacher_bias" in a:
+        out["teacher_bias"] = xp.zeros_like(a["teacher_bias"])
+    return value, out
+
+
 def _softplus(xp, v):
     return xp.logaddexp(xp.zeros_like(v), v)
 

@@ -1,0 +1,670 @@
+"""Fused linear projections + generalized JSD distillation for large vocabularies.
+
+The student's and the teacher's ``[N, V]`` logits are never stored: the loss
+runs on the streaming engine of :mod:`jaxent._streaming` (the one
+:func:`jaxent.linear_softmax_cross_entropy` uses), over (token chunk x
+vocabulary block) tiles of both models' logits. The forward makes two passes:
+the first keeps per-token online max / sum-exp statistics of the student (at
+``T``, and at 1 for the hard-label term) and of the teacher (at ``T``); the
+second, with those normalizers known, sums the divergence per token. The
+backward recomputes each pair of tiles, forms the student's logits gradient
+and feeds it to the two gradient matmuls. :func:`_materialized` is the same loss
+on materialized logits in plain JAX (the reference twin).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._args import (
+    as_bool,
+    as_float,
+    as_int,
+    check_fraction,
+    check_index,
+    check_nonnegative,
+    check_positive,
+    check_reduction,
+    describe,
+)
+from ._define import Rule, loss
+from ._distill import _JSDOpts, _log_ratios, _softmax_jsd_plain
+from ._divergence import _softmax_kl_plain
+from ._numerics import compute_dtype, mul0, mul0_nonpos, tempered
+from ._reduction import reduce_loss
+from ._sharding import is_sharded, vary, vma
+from ._softmax import plain_normalizer, plain_sum
+from ._streaming import (
+    block_size_arg,
+    blocked,
+    blocks,
+    col_offset,
+    combine_max_sumexp,
+    common_float,
+    log_normalizer,
+    logits_tile,
+    online_max_sumexp,
+    optional_positive,
+    partitioned,
+    per_platform_tile,
+    slice_rows,
+    softcap,
+    update_rows,
+)
+
+
+class _Opts(NamedTuple):
+    """Static options of the fused rule (hashable: a ``nondiff_argnums`` entry)."""
+
+    beta: float
+    temperature: float
+    hard: float  # hard_weight
+    soft: float  # soft_weight
+    softcap: float | None
+    block_size: tuple[int | None, int] | None
+
+    @property
+    def shared(self) -> bool:
+        """Whether the hard term's softmax (T = 1) is the soft term's."""
+        return self.soft != 0 and self.temperature == 1.0
+
+
+@loss(
+    "hidden",
+    "weight",
+    "teacher_hidden",
+    "teacher_weight",
+    "class_ids",
+    where="rows",
+)
+def linear_softmax_distillation(
+    impl,
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    where: ArrayLike | None = None,
+    softcap: float | None = None,
+    reduction: str = "none",
+    block_size: int | tuple[int, int] | None = None,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+    r"""Distillation of a teacher's head into a student's without materializing
+    either model's logits.
+
+    With student logits :math:`x_i = h_i W + b` and teacher logits :math:`t_i =
+    h'_i W' + b'` over a shared vocabulary of :math:`V` classes (each capped to
+    :math:`c \tanh(\cdot / c)` with ``softcap`` :math:`c`), temperature
+    :math:`T`, :math:`q_i = \mathrm{softmax}(x_i / T)` (the student),
+    :math:`p_i = \mathrm{softmax}(t_i / T)` (the teacher) and the mixture
+    :math:`M_i = \beta p_i + (1 - \beta) q_i`, each token's loss is
+
+    .. math::
+        \ell_i = s \left[\beta\, \mathrm{KL}(p_i \,\|\, M_i)
+        + (1 - \beta)\, \mathrm{KL}(q_i \,\|\, M_i)\right]
+        + w \left(\log\textstyle\sum_k e^{x_{ik}} - x_{iy_i}\right)
+
+    with ``soft_weight`` :math:`s` on the generalized Jensen-Shannon divergence
+    of :func:`softmax_generalized_jsd` (the forward KL ``KL(p || q)`` at ``beta
+    = 0``, the reverse KL ``KL(q || p)`` at ``beta = 1``, as there) and
+    ``hard_weight`` :math:`w` on the cross-entropy of the student at ``T = 1``
+    with the ``labels``. Same values and gradients as those losses on the
+    materialized logits, to floating-point rounding.
+
+    It runs on the streaming engine of :func:`linear_softmax_cross_entropy`
+    (its XLA path; there are no Pallas kernels for this loss): tiles of tokens
+    by classes of both models' logits, two forward passes (per-token online max
+    / log-sum-exp of both models, then the divergence sums), residuals made of
+    the inputs and a few float32 statistics per token, and a backward that
+    recomputes each pair of tiles, forms ``G = d loss / d x`` (for ``0 < beta <
+    1``, ``s ((1 - beta) / T) q (log q - log M - KL(q || M)) + w (softmax(x) -
+    onehot(y))``, times ``1 - tanh^2`` with a softcap) and feeds it to the
+    gradient matmuls, accumulating in float32. No ``[N, V]`` array exists in
+    the forward, the backward or the residuals.
+
+    The teacher is frozen: ``teacher_hidden``, ``teacher_weight`` and
+    ``teacher_bias`` get zero cotangents, as under ``jax.lax.stop_gradient``
+    (second derivatives through them are zero too).
+
+    Args:
+      hidden: the student's hidden states, floating ``[..., D]`` (``N`` = the
+        product of the leading dims).
+      weight: the student's head, floating ``[D, V]`` (``[D, V / shards]``
+        with ``axis_name``); a tied ``[V, D]`` embedding is passed as
+        ``embedding.T``.
+      teacher_hidden: the teacher's hidden states, floating ``[..., D']``
+        with ``hidden``'s leading shape; ``D'`` may differ from ``D``.
+      teacher_weight: the teacher's head, floating ``[D', V]`` (sharded like
+        ``weight``).
+      labels: optional integer array ``[...]`` (``hidden``'s leading shape) of
+        class indices in ``[0, V)``, global ids when vocab-parallel. Required
+        when ``hard_weight != 0`` or with ``ignore_index``.
+      beta: ``beta``, a static Python float in ``[0, 1]``: the teacher's weight
+        in the mixture.
+      temperature: ``T``, a static Python float > 0 dividing both models'
+        logits (after the softcap) in the divergence; the hard term is at
+        ``T = 1``.
+      hard_weight: ``w >= 0``, the weight of the cross-entropy with ``labels``.
+      soft_weight: ``s >= 0``, the weight of the divergence.
+      bias: optional floating ``[V]`` added to the student's logits (sharded
+        like ``weight``'s columns); ``-inf`` entries are masked classes.
+      teacher_bias: optional floating ``[V]`` added to the teacher's logits.
+      ignore_index: label value whose tokens are not counted (loss and
+        gradient 0, excluded from the mean's denominator).
+      where: optional boolean token mask of ``hidden``'s leading shape;
+        ``False`` excludes that token like ``ignore_index``.
+      softcap: optional ``c > 0``: both models' logits become ``c * tanh(logits
+        / c)`` (after the bias) before the temperature, as in Gemma 2; a
+        ``-inf`` logit stays ``-inf``.
+      reduction: ``"none"`` (per token), ``"sum"`` or ``"mean"`` (over counted
+        tokens; 0 when none is counted).
+      block_size: vocabulary block width ``block_v``, or a pair ``(block_n,
+        block_v)``; ``None`` picks the tiles of
+        :func:`linear_softmax_cross_entropy`'s XLA path (about ``2**20``
+        logits on CPU, ``2**24`` on GPU/TPU, chosen at lowering).
+      axis_name: mesh axis over which ``weight``, ``teacher_weight`` and the
+        biases are sharded by columns, inside ``shard_map`` (vocab-parallel):
+        the exact global loss from ``O(N)`` collectives per pass; the backward
+        needs only a ``psum`` of ``d hidden``.
+
+    Returns:
+      per-token losses of ``hidden``'s leading shape for ``reduction="none"``,
+      else a scalar, in the dtype of ``hidden``, ``weight`` and ``bias``
+      promoted (half precision is computed and reduced in float32).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxent
+      >>> h = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> w = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+      >>> th = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]])  # teacher D' = 3
+      >>> tw = jnp.eye(3)
+      >>> jaxent.linear_softmax_distillation(h, w, th, tw).round(4)
+      Array([0.0807, 0.026 ], dtype=float32)
+      >>> jaxent.linear_softmax_distillation(
+      ...     h, w, th, tw, jnp.array([0, 2]), beta=0.0, temperature=2.0,
+      ...     hard_weight=0.5, reduction="mean",
+      ... ).round(4)
+      Array(0.26, dtype=float32)
+
+    Note:
+      The divergence is at temperature ``T`` with no hidden factor: Hinton et
+      al.'s recipe multiplies it by ``T**2`` (``soft_weight=T**2``), which
+      keeps the soft gradient's scale as ``T`` varies.
+
+      Logits follow :func:`softmax_generalized_jsd`'s conventions: a class
+      ``-inf`` in one model only has probability 0 there, and for ``0 < beta
+      < 1`` the divergence stays finite; at ``beta = 0`` a ``-inf`` student
+      logit under positive teacher mass gives ``+inf`` (at ``beta = 1`` the
+      other way round); ``+inf``/NaN logits give NaN for that token (with a
+      softcap, ``+inf`` becomes ``c``). With ``hard_weight != 0`` an
+      out-of-range label (not ``ignore_index``) gives NaN for that token's loss
+      and gradients.
+
+      Being a ``jax.custom_vjp``, it cannot be used with ``jax.jvp``/
+      ``jax.jacfwd``; its backward is plain JAX, so it can be differentiated
+      again in reverse mode and forward-over-reverse. For forward mode, use
+      ``jaxent.reference.linear_softmax_distillation``, which materializes both
+      logit arrays.
+    """
+    fn = "linear_softmax_distillation"
+    h = as_float(fn, "hidden", hidden)
+    w = as_float(fn, "weight", weight)
+    th = as_float(fn, "teacher_hidden", teacher_hidden)
+    tw = as_float(fn, "teacher_weight", teacher_weight)
+    beta = check_fraction(fn, "beta", beta)
+    temperature = check_positive(fn, "temperature", temperature)
+    hard = check_nonnegative(fn, "hard_weight", hard_weight)
+    soft = check_nonnegative(fn, "soft_weight", soft_weight)
+    cap = optional_positive(fn, "softcap", softcap)
+    reduction = check_reduction(fn, reduction)
+    blocks_given = block_size_arg(fn, block_size)
+    ignore_index = check_index(fn, "ignore_index", ignore_index)
+    _check_shapes(fn, h, w, th, tw)
+    batch = h.shape[:-1]
+    if labels is None:
+        for name, value in (("hard_weight", hard), ("ignore_index", ignore_index)):
+            if value not in (0.0, None):
+                raise ValueError(
+                    f"{fn}: `labels` are required with `{name}`={value!r}; got "
+                    "labels=None."
+                )
+        y = jnp.zeros(batch, jnp.int32)
+    else:
+        y = as_int(fn, "labels", labels)
+        if y.shape != batch:
+            raise ValueError(
+                f"{fn}: `labels` must have hidden's leading shape {batch}; got "
+                f"{describe(y)}."
+            )
+    dtype = common_float(h.dtype, w.dtype)
+    tdtype = common_float(th.dtype, tw.dtype)
+    b = _bias(fn, "bias", bias, w.shape[1])
+    tb = _bias(fn, "teacher_bias", teacher_bias, w.shape[1])
+    if b is not None:
+        dtype = common_float(dtype, b.dtype)
+        b = b.astype(dtype)
+    if tb is not None:
+        tdtype = common_float(tdtype, tb.dtype)
+        tb = tb.astype(tdtype)
+    counted = jnp.ones(batch, bool)
+    if ignore_index is not None:
+        counted = y != ignore_index
+    if where is not None:
+        where = as_bool(fn, "where", where)
+        if where.shape != batch:
+            raise ValueError(
+                f"{fn}: `where` must be a token mask of hidden's leading shape "
+                f"{batch}; got {describe(where)}."
+            )
+        counted = counted & where
+
+    n, (d, v_local), dt = int(np.prod(batch)), w.shape, tw.shape[0]
+    num_classes = v_local * (1 if axis_name is None else lax.axis_size(axis_name))
+    y = y.reshape(n)
+    # Labels outside [0, V) are flagged before narrowing to int32 (a wrapped
+    # int64 cannot land on a real class); they only matter for the hard term.
+    in_range = (y >= 0) & (y < num_classes)
+    y32 = jnp.where(in_range, y, -1).astype(jnp.int32)
+    if hard == 0:
+        in_range = jnp.ones_like(in_range)
+    opts = _Opts(beta, temperature, hard, soft, cap, blocks_given)
+    # The teacher is frozen: no derivative of any order flows into it.
+    teacher = lax.stop_gradient(
+        (th.astype(tdtype).reshape(n, dt), tw.astype(tdtype), tb)
+    )
+    arrays = (
+        h.astype(dtype).reshape(n, d),
+        w.astype(dtype),
+        b,
+        *teacher,
+        y32,
+        counted.reshape(n),
+        in_range,
+    )
+    core = impl(_DISTILL)
+    if axis_name is None and any(is_sharded(a) for a in arrays if a is not None):
+        out = partitioned(lambda *args: core(*args, opts), arrays, _LAYOUT)
+    else:
+        out = core(*arrays, axis_name, opts)
+    out = reduce_loss(out.reshape(batch), reduction, jnp.sum(counted))
+    return out.astype(dtype)
+
+
+# Layouts of the rule's arrays for :func:`jaxent._streaming.partitioned`.
+_LAYOUT = (
+    *("hidden", "weight", "bias") * 2,
+    *("tokens",) * 3,
+)
+
+
+def _check_shapes(fn: str, h, w, th, tw) -> None:
+    for name, x, hname, hx in (
+        ("weight", w, "hidden", h),
+        ("teacher_weight", tw, "teacher_hidden", th),
+    ):
+        if x.ndim != 2:
+            raise ValueError(
+                f"{fn}: `{name}` must be [D, V] (a tied [V, D] embedding is "
+                f"passed as `embedding.T`); got {describe(x)}."
+            )
+        if hx.ndim < 1 or hx.shape[-1] != x.shape[0]:
+            raise ValueError(
+                f"{fn}: `{name}` must be [D, V] with D = {hname}.shape[-1]; got "
+                f"`{name}` {describe(x)} and `{hname}` {describe(hx)}."
+            )
+    if tw.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"{fn}: `teacher_weight` must have weight's vocabulary size "
+            f"{w.shape[1]} (columns); got {describe(tw)}."
+        )
+    if th.shape[:-1] != h.shape[:-1]:
+        raise ValueError(
+            f"{fn}: `teacher_hidden` must have hidden's leading shape "
+            f"{h.shape[:-1]}; got {describe(th)}."
+        )
+
+
+def _bias(fn: str, name: str, bias, v: int):
+    if bias is None:
+        return None
+    b = as_float(fn, name, bias)
+    if b.shape != (v,):
+        raise ValueError(f"{fn}: `{name}` must be [V] = ({v},); got {describe(b)}.")
+    return b
+
+
+# -- the fused rule ----------------------------------------------------------------
+
+
+class _Stats(NamedTuple):
+    """Per-token statistics (float32, or float64 for float64 inputs), None
+    when the options do not need them. Normalizers are ``(shift, log s)``
+    pairs (see :func:`jaxent._streaming.log_normalizer`)."""
+
+    ms: jax.Array | None  # student at T
+    ls: jax.Array | None
+    mt: jax.Array | None  # teacher at T
+    lt: jax.Array | None
+    m1: jax.Array | None  # student at T = 1 (when not the same as at T)
+    l1: jax.Array | None
+    mass: jax.Array | None  # beta = 0: 1 where the teacher has an admissible class
+    kl: jax.Array | None  # KL(q || M) for 0 < beta < 1, else the divergence
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _fused(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts):
+    return _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts)[0]
+
+
+def _acc(h, th) -> jnp.dtype:
+    """The dtype both models' logits and the statistics are computed in."""
+    return compute_dtype(common_float(h.dtype, th.dtype))
+
+
+def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts):
+    acc = _acc(h, th)
+    y_local = y - col_offset(axis_name, w.shape[1])
+    # Pass 1: each model's online max / sum-exp (and the target logit).
+    ms, ss, mt, st, m1, s1, ty = per_platform_tile(
+        functools.partial(_normalizers, opts=opts), h, w, b, th, tw, tb, y_local
+    )
+    stats = _Stats(*[None] * 8)
+    loss = jnp.zeros(y.shape, acc)
+    if opts.soft:
+        ms, ss = combine_max_sumexp(ms, ss, axis_name)
+        mt, st = combine_max_sumexp(mt, st, axis_name)
+        mass = (st > 0).astype(acc) if opts.beta == 0.0 else None
+        ms, ls = log_normalizer(ms, ss)
+        mt, lt = log_normalizer(mt, st)
+        stats = stats._replace(ms=ms, ls=ls, mt=mt, lt=lt, mass=mass)
+        # Pass 2: the divergence sums, the normalizers known.
+        sums = per_platform_tile(
+            functools.partial(_divergence_sums, opts=opts), h, w, b, th, tw, tb, stats
+        )
+        if axis_name is not None:
+            sums = lax.psum(sums, axis_name)
+        if 0.0 < opts.beta < 1.0:
+            klq, klp = sums
+            loss = opts.soft * (opts.beta * klp + (1 - opts.beta) * klq)
+        else:
+            klq = sums[0]
+            loss = opts.soft * klq
+        stats = stats._replace(kl=klq)
+    if opts.hard:
+        if opts.shared:
+            m1, l1 = stats.ms, stats.ls
+        else:
+            m1, l1 = log_normalizer(*combine_max_sumexp(m1, s1, axis_name))
+            stats = stats._replace(m1=m1, l1=l1)
+        if axis_name is not None:
+            ty = lax.psum(ty, axis_name)
+        loss = loss + opts.hard * ((m1 - ty) + l1)
+    loss = jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
+    return loss, (h, w, b, th, tw, tb, y, counted, in_range, stats)
+
+
+def _fused_bwd(axis_name, opts: _Opts, res, g):
+    h, w, b, th, tw, tb, y, counted, in_range, stats = res
+    acc = _acc(h, th)
+    g = jnp.where(counted, jnp.where(in_range, g.astype(acc), jnp.nan), 0.0)
+    if opts.soft or opts.hard:
+        y_local = y - col_offset(axis_name, w.shape[1])
+        dh, dw, db = per_platform_tile(
+            functools.partial(_grads, opts=opts), h, w, b, th, tw, tb, y_local, g, stats
+        )
+        if axis_name is not None:
+            # Each shard holds the part of d hidden from its own columns.
+            dh = lax.psum(dh, axis_name)
+    else:
+        dh, dw = jnp.zeros_like(h), jnp.zeros_like(w)
+        db = None if b is None else jnp.zeros_like(b)
+    db = None if b is None else db.astype(b.dtype)
+    frozen = (None,) * 6  # the teacher's arrays, labels and masks
+    return (dh.astype(h.dtype), dw.astype(w.dtype), db, *frozen)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts: _Opts):
+    """One tile of the student's logits (after the softcap) with its input
+    slices and tanh, and the same tile of the teacher's (None without the
+    divergence)."""
+    hb, wb, x = logits_tile(h, w, b, r0, rn, c0, cw, acc)
+    tanh = t = None
+    if opts.softcap is not None:
+        x, tanh = softcap(x, opts.softcap)
+    if opts.soft:
+        _, _, t = logits_tile(th, tw, tb, r0, rn, c0, cw, acc)
+        if opts.softcap is not None:
+            t = softcap(t, opts.softcap)[0]
+    return hb, wb, x, tanh, t
+
+
+def _log_probs(x, t, rows, opts: _Opts):
+    """Student and teacher log-probabilities at ``T`` of a tile, from the
+    per-token normalizers ``rows = (ms, ls, mt, lt)`` (``[rn, 1]`` each)."""
+    ms, ls, mt, lt = rows
+    lq = (tempered(x, opts.temperature) - ms) - ls
+    lp = (tempered(t, opts.temperature) - mt) - lt
+    return lq, lp
+
+
+def _varying(arrays, *refs):
+    """``arrays`` (None kept) marked as varying over every mesh axis any of
+    ``refs`` varies over (loop carries inside ``shard_map``)."""
+    axes = frozenset().union(*(vma(r) for r in refs if r is not None))
+    return tuple(None if a is None else vary(a, axes) for a in arrays)
+
+
+def _normalizers(h, w, b, th, tw, tb, y, *, opts: _Opts, tile: int):
+    """Pass 1: per-token running ``(max, sum-exp)`` of the student at ``T``, of
+    the teacher at ``T`` and of the student at 1 (each None when not needed),
+    and the target logit (None without the hard term), over this shard's
+    columns (``y`` in local ids)."""
+    n, v = h.shape[0], w.shape[1]
+    acc = _acc(h, th)
+    block_n, block_v = blocks(opts.block_size, n, v, tile)
+    temp = opts.temperature
+
+    def vocab_block(c0, cw, carry):
+        def token_chunk(r0, rn, carry):
+            _, _, x, _, t = _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts)
+            ms, ss, mt, st, m1, s1, ty = slice_rows(carry, r0, rn)
+            if ms is not None:
+                ms, ss, _ = online_max_sumexp(ms, ss, tempered(x, temp))
+                mt, st, _ = online_max_sumexp(mt, st, tempered(t, temp))
+            if m1 is not None:
+                m1, s1, _ = online_max_sumexp(m1, s1, x)
+            if ty is not None:
+                (yb,) = slice_rows((y,), r0, rn)
+                cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
+                ty = ty + jnp.sum(jnp.where(cols == yb[:, None], x, 0.0), 1)
+            return update_rows(carry, (ms, ss, mt, st, m1, s1, ty), r0)
+
+        return blocked(n, block_n, token_chunk, carry)
+
+    ninf, zeros = jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc)
+    soft = bool(opts.soft)
+    apart = bool(opts.hard) and not opts.shared
+    init = (
+        *((ninf, zeros) * 2 if soft else (None,) * 4),
+        *((ninf, zeros) if apart else (None, None)),
+        zeros if opts.hard else None,
+    )
+    return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+
+
+def _divergence_terms(lq, lp, zero, opts: _Opts):
+    """Elementwise terms whose row sums are ``(KL(q || M), KL(p || M))`` for
+    ``0 < beta < 1``, else ``(KL,)`` (``KL(p || q)`` at ``beta = 0``, ``KL(q ||
+    p)`` at 1), with ``0 log 0 = 0`` (as :func:`softmax_generalized_jsd`)."""
+    if 0.0 < opts.beta < 1.0:
+        v, u = _log_ratios(lq, lp, opts.beta, zero)
+        return jnp.exp(lq) * v, jnp.exp(lp) * u
+    # KL(f || e): f the teacher at beta = 0, the student at beta = 1. f > 0
+    # only where lf is finite, so flooring lf only turns 0 * -inf into 0.
+    lf, le = (lp, lq) if opts.beta == 0.0 else (lq, lp)
+    f = jnp.exp(lf)
+    return (f * jnp.maximum(lf, jnp.finfo(lf.dtype).min) - mul0_nonpos(f, le),)
+
+
+def _divergence_sums(h, w, b, th, tw, tb, stats: _Stats, *, opts: _Opts, tile: int):
+    """Pass 2: per-token sums of :func:`_divergence_terms` over this shard's
+    columns."""
+    n, v = h.shape[0], w.shape[1]
+    acc = _acc(h, th)
+    block_n, block_v = blocks(opts.block_size, n, v, tile)
+    rows = (stats.ms, stats.ls, stats.mt, stats.lt)
+
+    def vocab_block(c0, cw, carry):
+        def token_chunk(r0, rn, carry):
+            _, _, x, _, t = _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts)
+            rb = tuple(a[:, None] for a in slice_rows(rows, r0, rn))
+            lq, lp = _log_probs(x, t, rb, opts)
+            terms = _divergence_terms(lq, lp, rb[0] * 0, opts)
+            sums = slice_rows(carry, r0, rn)
+            sums = tuple(s + jnp.sum(e, 1) for s, e in zip(sums, terms, strict=True))
+            return update_rows(carry, sums, r0)
+
+        return blocked(n, block_n, token_chunk, carry)
+
+    count = 2 if 0.0 < opts.beta < 1.0 else 1
+    init = (jnp.zeros((n,), acc),) * count
+    return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+
+
+def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
+    """``(d hidden in the compute dtype, d weight, d bias)`` from recomputed
+    tiles; ``g`` is the per-token cotangent (0 where not counted)."""
+    (n, d), v = h.shape, w.shape[1]
+    acc = _acc(h, th)
+    hacc = compute_dtype(h.dtype)
+    block_n, block_v = blocks(opts.block_size, n, v, tile)
+    beta, temp = opts.beta, opts.temperature
+    mixed = 0.0 < beta < 1.0
+    # Per-token factors of d loss_i / d x_ik.
+    soft = g * (opts.soft / temp * ((1 - beta) if mixed else 1.0))
+    hard = g * opts.hard
+    rows = (y, soft, hard, *stats)
+
+    def vocab_block(c0, cw, carry):
+        dh, dw, db = carry
+
+        def token_chunk(r0, rn, inner):
+            hb, wb, x, tanh, t = _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts)
+            yb, cs, ch, ms, ls, mt, lt, m1, l1, mass, kl = (
+                None if a is None else a[:, None] for a in slice_rows(rows, r0, rn)
+            )
+            gx = jnp.zeros((), acc)
+            q = None
+            if opts.soft:
+                lq, lp = _log_probs(x, t, (ms, ls, mt, lt), opts)
+                q = jnp.exp(lq)
+                if mixed:
+                    # (1 - beta) / T q (log q - log M - KL(q || M)).
+                    gs = q * (_log_ratios(lq, lp, beta, ms * 0)[0] - kl)
+                elif beta == 0.0:
+                    gs = q * mass - jnp.exp(lp)  # (q sum(p) - p) / T
+                else:
+                    gs = (mul0(q, lq) - mul0(q, lp)) - q * kl
+                gx = gx + cs * gs
+            if opts.hard:
+                p1 = q if opts.shared else jnp.exp((x - m1) - l1)
+                cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
+                gx = gx + ch * (p1 - (cols == yb).astype(acc))
+            if tanh is not None:
+                gx = gx * (1 - tanh * tanh)
+            # The matmuls run in the input dtype (bf16 stays bf16) with
+            # accumulation in float32 (float64 for float64 inputs).
+            gx = gx.astype(h.dtype)
+            dh, dwb, dbb = inner
+            dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
+            dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=hacc)
+            dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
+            dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=hacc)
+            if dbb is not None:
+                dbb = dbb + jnp.sum(gx, axis=0, dtype=hacc)
+            return dh, dwb, dbb
+
+        init = (
+            dh,
+            *_varying(
+                (jnp.zeros((d, cw), hacc), None if b is None else jnp.zeros(cw, hacc)),
+                h,
+                w,
+                th,
+                tw,
+            ),
+        )
+        dh, dwb, dbb = blocked(n, block_n, token_chunk, init)
+        dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(w.dtype), c0, 1)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, dbb.astype(b.dtype), c0, 0)
+        return dh, dw, db
+
+    init = (
+        jnp.zeros((n, d), hacc),
+        jnp.zeros_like(w),
+        None if b is None else jnp.zeros_like(b),
+    )
+    return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+
+
+# -- the plain twin: materialized logits, plain autodiff --------------------------
+
+
+def _plain_logits(h, w, b, acc, cap):
+    x = jnp.matmul(h, w, preferred_element_type=acc)
+    if b is not None:
+        x = x + b.astype(acc)
+    return x if cap is None else softcap(x, cap)[0]
+
+
+def _materialized(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts):
+    """The loss of :func:`_fused` on materialized ``[N, V]`` logits of both
+    models, through the plain formulas of :func:`softmax_generalized_jsd`'s and
+    :func:`softmax_kl_divergence`'s twins (no ``custom_vjp``; forward mode
+    works)."""
+    acc = _acc(h, th)
+    x = _plain_logits(h, w, b, acc, opts.softcap)
+    loss = jnp.zeros(y.shape, acc)
+    if opts.soft:
+        t = _plain_logits(th, tw, tb, acc, opts.softcap)
+        temp, axes = opts.temperature, (1,)
+        if opts.beta == 0.0:
+            jsd = _softmax_kl_plain(x, t, None, axes, axis_name, temp)
+        elif opts.beta == 1.0:
+            jsd = _softmax_kl_plain(t, x, None, axes, axis_name, temp)
+        else:
+            jsd_opts = _JSDOpts(axes, axis_name, opts.beta, temp)
+            jsd = _softmax_jsd_plain(x, t, None, jsd_opts)
+        loss = loss + opts.soft * jsd
+    if opts.hard:
+        v = w.shape[1]
+        m, ls = plain_normalizer(x, (1,), None, axis_name)
+        cols = col_offset(axis_name, v) + jnp.arange(v, dtype=jnp.int32)
+        hit = cols[None, :] == y[:, None]
+        xy = plain_sum(jnp.where(hit, x, 0.0), (1,), axis_name)
+        loss = loss + opts.hard * jnp.squeeze((m - xy) + ls, 1)
+    return jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
+
+
+_DISTILL = Rule(_fused, _materialized, diff=(0, 1, 2), exclude=9)
