@@ -513,12 +513,13 @@ def softmax_cross_entropy(
       [0.2761 2.9518]
 
     Note:
-      Gradient w.r.t. logits ``(softmax(x) * (sum(y) + 2 z_loss lse) - y) / T``;
-      w.r.t. labels ``-(1 - label_smoothing) * log_softmax(x)``. A ``-inf`` logit
-      under a zero label contributes 0 to the value and both gradients; a
-      positive label on a ``-inf`` logit gives ``+inf``. ``+inf``/NaN logits give
-      NaN. Not usable with ``jax.jvp`` (custom_vjp): use :mod:`jaxent.reference`
-      for forward mode.
+      Gradient w.r.t. logits ``(softmax(x) * (sum(y) + 2 z_loss lse) - y) / T``; w.r.t.
+      labels ``-(1 - label_smoothing) * log_softmax(x)``. A ``-inf`` logit under a zero
+      label contributes 0 to the value and both gradients; a positive label on a
+      ``-inf`` logit gives ``+inf``. ``+inf``/NaN logits give NaN. A ``jax.custom_vjp``:
+      ``jax.jvp``/``jax.jacfwd`` of it fail, use :mod:`jaxent.reference` for forward
+      mode; ``jax.hessian`` and ``jax.jvp(jax.grad(f))`` work (the rule's backward is
+      plain JAX).
     """
     fn = "softmax_cross_entropy"
     x = as_float(fn, "logits", logits)
@@ -617,10 +618,12 @@ def softmax_cross_entropy_with_integer_labels(
 
     Note:
       Gradient w.r.t. logits ``g * (softmax(x) * (sum(Y) + 2 z lse) - Y)`` with the
-      implicit target ``Y``. An out-of-range label that is not ``ignore_index``
-      gives NaN for its example (value and gradient row). A label on a ``-inf``
-      logit gives ``+inf``; ``+inf``/NaN logits give NaN. Not usable with
-      ``jax.jvp`` (custom_vjp): use :mod:`jaxent.reference` for forward mode.
+      implicit target ``Y``. An out-of-range label that is not ``ignore_index`` gives
+      NaN for its example (value and gradient row). A label on a ``-inf`` logit gives
+      ``+inf``; ``+inf``/NaN logits give NaN. A ``jax.custom_vjp``:
+      ``jax.jvp``/``jax.jacfwd`` of it fail, use :mod:`jaxent.reference` for forward
+      mode; ``jax.hessian`` and ``jax.jvp(jax.grad(f))`` work (the rule's backward is
+      plain JAX).
     """
     fn = "softmax_cross_entropy_with_integer_labels"
     x = as_float(fn, "logits", logits)
@@ -995,8 +998,10 @@ def sigmoid_binary_cross_entropy(
     Note:
       Gradient w.r.t. logits ``(1 - y) sigmoid(x) - p y sigmoid(-x)`` (``sigmoid(x)
       - y`` without ``pos_weight``); w.r.t. labels ``p softplus(-x) - softplus(x)``.
-      Stable for any finite logits; ``x = -inf`` with ``y = 0`` gives 0. Not
-      usable with ``jax.jvp``; use :mod:`jaxent.reference` for forward mode.
+      Stable for any finite logits; ``x = -inf`` with ``y = 0`` gives 0. A
+      ``jax.custom_vjp``: ``jax.jvp``/``jax.jacfwd`` of it fail, use
+      :mod:`jaxent.reference` for forward mode; ``jax.hessian`` and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
     """
     fn = "sigmoid_binary_cross_entropy"
     x = as_float(fn, "logits", logits)

@@ -78,10 +78,11 @@ def entropy(
       Array(1., dtype=float32)
 
     Note:
-      Gradient ``-(log p + 1)``; at ``p = 0`` it is taken as 0 (the entry carries
-      no mass), so ``entropy(softmax(x))`` stays finite when the softmax
-      underflows. Negative probabilities give NaN. Not usable with ``jax.jvp``
-      (custom_vjp); use :mod:`jaxent.reference` for forward mode.
+      Gradient ``-(log p + 1)``; at ``p = 0`` it is taken as 0 (the entry carries no
+      mass), so ``entropy(softmax(x))`` stays finite when the softmax underflows.
+      Negative probabilities give NaN. A ``jax.custom_vjp``: ``jax.jvp``/``jax.jacfwd``
+      of it fail, use :mod:`jaxent.reference` for forward mode; ``jax.hessian`` and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
     """
     fn = "entropy"
     p = as_float(fn, "probs", probs)
@@ -143,10 +144,12 @@ def cross_entropy(
       Array(1., dtype=float32)
 
     Note:
-      Gradients ``-log q`` (w.r.t. ``p``) and ``-p / q`` (w.r.t. ``q``). A zero
-      ``p`` entry contributes 0 to the value and to both gradients even where
-      ``q`` is 0; ``p > 0`` on ``q = 0`` gives ``+inf``. Not usable with
-      ``jax.jvp`` (custom_vjp); use :mod:`jaxent.reference` for forward mode.
+      Gradients ``-log q`` (w.r.t. ``p``) and ``-p / q`` (w.r.t. ``q``). A zero ``p``
+      entry contributes 0 to the value and to both gradients even where ``q`` is 0; ``p
+      > 0`` on ``q = 0`` gives ``+inf``. A ``jax.custom_vjp``:
+      ``jax.jvp``/``jax.jacfwd`` of it fail, use :mod:`jaxent.reference` for forward
+      mode; ``jax.hessian`` and ``jax.jvp(jax.grad(f))`` work (the rule's backward is
+      plain JAX).
     """
     fn = "cross_entropy"
     p, q, axes = _prepare_pair(fn, ("p", "q"), p, q, axis)
@@ -214,10 +217,12 @@ def kl_divergence(
       Array(0.6931472, dtype=float32)
 
     Note:
-      Gradients ``-t`` (w.r.t. ``log_predictions``) and ``log t + 1 - log p``
-      (w.r.t. ``targets``). Where a target is 0 the entry adds 0 and its target
-      gradient is 0 (optax's is NaN there), also under a ``-inf`` prediction.
-      Not usable with ``jax.jvp``; use :mod:`jaxent.reference` for forward mode.
+      Gradients ``-t`` (w.r.t. ``log_predictions``) and ``log t + 1 - log p`` (w.r.t.
+      ``targets``). Where a target is 0 the entry adds 0 and its target gradient is 0
+      (optax's is NaN there), also under a ``-inf`` prediction. A ``jax.custom_vjp``:
+      ``jax.jvp``/``jax.jacfwd`` of it fail, use :mod:`jaxent.reference` for forward
+      mode; ``jax.hessian`` and ``jax.jvp(jax.grad(f))`` work (the rule's backward is
+      plain JAX).
     """
     fn = "kl_divergence"
     lp, t, axes = _prepare_pair(
@@ -293,9 +298,10 @@ def kl_divergence_with_log_targets(
       Array(0.6931472, dtype=float32)
 
     Note:
-      Gradients ``-exp(l)`` and ``exp(l) (l - log p + 1)``; a ``-inf`` log-target
-      adds 0 and gets zero gradients. Not usable with ``jax.jvp``; use
-      :mod:`jaxent.reference` for forward mode.
+      Gradients ``-exp(l)`` and ``exp(l) (l - log p + 1)``; a ``-inf`` log-target adds 0
+      and gets zero gradients. A ``jax.custom_vjp``: ``jax.jvp``/``jax.jacfwd`` of it
+      fail, use :mod:`jaxent.reference` for forward mode; ``jax.hessian`` and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
     """
     fn = "kl_divergence_with_log_targets"
     lp, lt, axes = _prepare_pair(
@@ -492,10 +498,11 @@ def softmax_entropy(
       Array(1., dtype=float32)
 
     Note:
-      Gradient ``-p * (log p + H) / T``, zero at ``-inf``/masked entries. Finite
-      for any finite or ``-inf`` logits (a row of all ``-inf`` has entropy 0);
-      ``+inf``/NaN logits give NaN. Not usable with ``jax.jvp``; use
-      :mod:`jaxent.reference` for forward mode.
+      Gradient ``-p * (log p + H) / T``, zero at ``-inf``/masked entries. Finite for any
+      finite or ``-inf`` logits (a row of all ``-inf`` has entropy 0); ``+inf``/NaN
+      logits give NaN. A ``jax.custom_vjp``: ``jax.jvp``/``jax.jacfwd`` of it fail, use
+      :mod:`jaxent.reference` for forward mode; ``jax.hessian`` and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
     """
     fn = "softmax_entropy"
     x = as_float(fn, "logits", logits)
@@ -592,11 +599,12 @@ def softmax_kl_divergence(
       Array([0.], dtype=float32)
 
     Note:
-      Gradient w.r.t. ``logits`` is exactly ``(p - q) / T``; w.r.t.
-      ``target_logits`` it is ``q * (log q - log p - KL) / T``. A ``-inf`` target
-      logit adds 0; a ``-inf`` student logit under positive target mass gives
-      ``+inf``. Not usable with ``jax.jvp``; use :mod:`jaxent.reference` for
-      forward mode.
+      Gradient w.r.t. ``logits`` is exactly ``(p - q) / T``; w.r.t. ``target_logits`` it
+      is ``q * (log q - log p - KL) / T``. A ``-inf`` target logit adds 0; a ``-inf``
+      student logit under positive target mass gives ``+inf``. A ``jax.custom_vjp``:
+      ``jax.jvp``/``jax.jacfwd`` of it fail, use :mod:`jaxent.reference` for forward
+      mode; ``jax.hessian`` and ``jax.jvp(jax.grad(f))`` work (the rule's backward is
+      plain JAX).
     """
     fn = "softmax_kl_divergence"
     x, t, axes = _prepare_pair(

@@ -152,9 +152,10 @@ def log_softmax(
 
     Note:
       Gradient ``g - softmax(x) * sum(g)``; zero at masked entries. A row with no
-      admissible class (all -inf or fully masked) gives -inf everywhere; ``+inf``
-      or NaN logits give NaN for their row. Being a ``jax.custom_vjp``, it cannot
-      be used with ``jax.jvp``/``jax.jacfwd``; use :mod:`jaxent.reference`.
+      admissible class (all -inf or fully masked) gives -inf everywhere; ``+inf`` or NaN
+      logits give NaN for their row. A ``jax.custom_vjp``: ``jax.jvp``/``jax.jacfwd`` of
+      it fail, use :mod:`jaxent.reference` for forward mode; ``jax.hessian`` and
+      ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain JAX).
     """
     fn = "log_softmax"
     x = as_float(fn, "logits", logits)
@@ -231,8 +232,10 @@ def softmax(
 
     Note:
       Gradient ``p * (g - sum(g * p))``. A row with no admissible class gives 0;
-      ``+inf`` or NaN logits give NaN for their row. Not usable with ``jax.jvp``
-      (custom_vjp); use :mod:`jaxent.reference` for forward mode.
+      ``+inf`` or NaN logits give NaN for their row. A ``jax.custom_vjp``:
+      ``jax.jvp``/``jax.jacfwd`` of it fail, use :mod:`jaxent.reference` for forward
+      mode; ``jax.hessian`` and ``jax.jvp(jax.grad(f))`` work (the rule's backward is
+      plain JAX).
     """
     fn = "softmax"
     x = as_float(fn, "logits", logits)
