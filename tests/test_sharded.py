@@ -101,6 +101,10 @@ def _inputs():
         "h": logits(6, (N, D), f32, scale=1.0),
         "W": logits(8, (D, C), f32, scale=1.0),
         "bias": logits(9, (C,), f32, scale=1.0),
+        # A distillation teacher's head: another hidden size, the same classes.
+        "th": logits(10, (N, D + 4), f32, scale=1.0),
+        "tW": logits(11, (D + 4, C), f32, scale=1.0),
+        "tbias": logits(12, (C,), f32, scale=1.0),
     }
 
 
@@ -120,6 +124,9 @@ KIND = {
     "bias": "c",
     "h": "h",
     "W": "W",
+    "th": "h",
+    "tW": "W",
+    "tbias": "c",
 }
 
 
@@ -218,6 +225,23 @@ CASES = {
             reduction="mean",
         ),
     ),
+    "linear_distill": (
+        ("h", "W", "bias", "th", "tW", "tbias", "y"),
+        (0, 1, 2),
+        lambda h, w, b, th, tw, tb, y: jaxent.linear_softmax_distillation(
+            h,
+            w,
+            th,
+            tw,
+            y,
+            bias=b,
+            teacher_bias=tb,
+            ignore_index=IGNORE,
+            hard_weight=0.5,
+            temperature=2.0,
+            reduction="mean",
+        ),
+    ),
 }
 # The integer-label losses take a different path for each layout (a gather
 # along the batch, a comparison over sharded classes); the others are
@@ -227,6 +251,7 @@ CASE_LAYOUTS = {
     "int_mean": LAYOUTS,
     "int_options": LAYOUTS,
     "linear": LAYOUTS,
+    "linear_distill": LAYOUTS,
     "int_where_none": ("batch", "both"),
     "int_class_mask": ("batch", "both"),
 }
@@ -322,6 +347,11 @@ VP_CASES = {
         (0, 1, 2),
         dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3),
     ),
+    "linear_distill": (
+        ("h", "W", "bias", "th", "tW", "tbias", "y"),
+        (0, 1, 2),
+        dict(ignore_index=IGNORE, hard_weight=0.5, beta=0.3, temperature=2.0),
+    ),
 }
 
 
@@ -359,6 +389,18 @@ def _vp_loss(case, reduction, axis_name):
             return jaxent.softmax_generalized_jsd(
                 a["x"], a["t"], where=mask, **kw, **red
             )
+        if case == "linear_distill":
+            return jaxent.linear_softmax_distillation(
+                a["h"],
+                a["W"],
+                a["th"],
+                a["tW"],
+                a["y"],
+                bias=a["bias"],
+                teacher_bias=a["tbias"],
+                **kw,
+                **red,
+            )
         return jaxent.linear_softmax_cross_entropy(
             a["h"], a["W"], a["y"], bias=a["bias"], **kw, **red
         )
@@ -390,6 +432,7 @@ VP_GRID = (
     + [("linear", "mean", "auto")]
     + [(case, "sum", "auto") for case in ("int_options", "linear")]
     + [(case, "none", "explicit") for case in ("int_options", "linear")]
+    + [("linear_distill", "mean", "explicit")]
 )
 
 
