@@ -189,8 +189,10 @@ def ref_linear_softmax_distillation(xp, a, o, g):
         t = t + a["teacher_bias"][:, None, :]
     cap = o.get("softcap")
     if cap is not None:
+        # A -inf logit (a masked class) stays -inf.
         capped = xp.tanh(x / cap)
-        x, t = cap * capped, cap * xp.tanh(t / cap)
+        x = xp.where(x == -xp.inf, -xp.inf, cap * capped)
+        t = xp.where(t == -xp.inf, -xp.inf, cap * xp.tanh(t / cap))
     labels = a["labels"]
     kept = xp.ones(labels.shape, dtype=bool)
     if "where" in a:

@@ -45,6 +45,7 @@ def _problem(seed, dtype="float64"):
         "teacher_bias": normal(V),
     }
     labels = jnp.asarray(rng.integers(0, V, size=BATCH), jnp.int32)
+    labels = jnp.where((labels == 2) | (labels == 9), 3, labels)  # not masked
     labels = labels.at[0, 1].set(IGNORE).at[1, 4].set(IGNORE)
     where = jnp.asarray(rng.uniform(size=BATCH) > 0.25).at[0, 0].set(False)
     return arrays, labels, where
@@ -52,9 +53,10 @@ def _problem(seed, dtype="float64"):
 
 # (beta, temperature, options): every case has a teacher of another hidden
 # size; together they cover every option, every reduction, labels=None, beta
-# in {0, 0.5, 1} and T in {1, 2}. A ragged tiling (block_size dividing neither
-# N = 10 nor V = 24) compiles three times the code of an even one, so one case
-# has it and the others have even or single tiles.
+# in {0, 0.5, 1}, T in {1, 2} and masked (-inf) classes on either side. A
+# ragged tiling (block_size dividing neither N = 10 nor V = 24) compiles three
+# times the code of an even one, so one case has it and the others have even
+# or single tiles.
 CASES = [
     (0.5, 1.0, dict(labels=None, reduction="none")),
     (
@@ -70,6 +72,7 @@ CASES = [
             soft_weight=1.3,
             reduction="mean",
             block_size=(4, 7),
+            masked=True,
         ),
     ),
     (
@@ -102,6 +105,11 @@ CASES = [
 
 def _kwargs(arrays, where, beta, temperature, opts):
     kw = dict(opts, beta=beta, temperature=temperature)
+    if kw.pop("masked", False):
+        # Masked classes: 2 and 9 for the student, 9 and 17 for the teacher.
+        arrays["bias"] = arrays["bias"].at[jnp.array([2, 9])].set(-jnp.inf)
+        tb = arrays["teacher_bias"]
+        arrays["teacher_bias"] = tb.at[jnp.array([9, 17])].set(-jnp.inf)
     for name in ("bias", "teacher_bias"):
         kw[name] = arrays[name] if kw.get(name) else None
     kw["where"] = where if kw.get("where") else None
@@ -133,7 +141,8 @@ def _materialized(h, w, th, tw, labels, **kw):
         t = t + jax.lax.stop_gradient(kw["teacher_bias"])
     cap = kw.get("softcap")
     if cap is not None:
-        x, t = cap * jnp.tanh(x / cap), cap * jnp.tanh(t / cap)
+        x = jnp.where(x == -jnp.inf, -jnp.inf, cap * jnp.tanh(x / cap))
+        t = jnp.where(t == -jnp.inf, -jnp.inf, cap * jnp.tanh(t / cap))
     counted = jnp.ones(x.shape[:-1], bool)
     if kw.get("ignore_index") is not None:
         counted = labels != kw["ignore_index"]
@@ -176,7 +185,8 @@ def _oracle(arrays, labels, kw, g):
     o = {k: v for k, v in kw.items() if not hasattr(v, "shape") and k != "block_size"}
     o.setdefault("reduction", "none")
     g_rows = np.asarray(g).reshape(1, -1) if np.ndim(g) else np.asarray([g])
-    value, grads = ref_linear_softmax_distillation(np, rows, o, g_rows)
+    with np.errstate(invalid="ignore"):  # 0 * inf at masked classes, selected out
+        value, grads = ref_linear_softmax_distillation(np, rows, o, g_rows)
     return np.asarray(value)[0], {k: np.asarray(v)[0] for k, v in grads.items()}
 
 
@@ -200,6 +210,7 @@ def test_matches_reference_materialized_and_oracle(beta, temperature, opts):
         return [_vjp(fn, arrays, labels, kw, g) for fn in fns]
 
     (got, grads), *others = all_three(arrays)
+    assert bool(jnp.all(jnp.isfinite(got)))
     value, oracle_grads = _oracle(arrays, labels, kw, g)
     assert got.shape == shape and got.dtype == jnp.float64
     assert_close(got, value.reshape(shape))
