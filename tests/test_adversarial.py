@@ -5,7 +5,10 @@ the documented non-finite result (NaN for NaN/+inf logits and out-of-range label
 
 Expected finite values are closed forms or SciPy in float64, compared with the
 tolerance table of ``tests/helpers.py``; every check is recorded for
-``benchmarks/robustness_report.py``.
+``benchmarks/robustness_report.py``. Generic properties (NaN rows, means over
+nothing, empty batches, one class, masked entries, NaN inputs, bad inputs) run
+on every loss of ``jaxent._define.REGISTRY`` that has the input kind or option
+they need, with calls built from its input kinds and signature.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ import pytest
 import scipy.special
 
 import jaxent
+from jaxent._define import REGISTRY
 from tests.helpers import error_units, record
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Deprecated aliases (optax's) are registered losses too.
+    pytest.mark.filterwarnings(r"ignore:\w+ is deprecated \(as in optax\)"),
+]
 
 INF, NAN = np.inf, np.nan
 INT_CE = jaxent.softmax_cross_entropy_with_integer_labels
 SOFT_CE = jaxent.softmax_cross_entropy
-LINEAR_CE = jaxent.linear_softmax_cross_entropy
 
 
 def vjp_all(f, *args):
@@ -122,6 +129,141 @@ def entropy64(logp):
     p = np.exp(logp)
     with np.errstate(invalid="ignore"):
         return -np.sum(np.where(p == 0, 0.0, p * logp), axis=-1)
+
+
+# -- every registered loss, its inputs built from its input kinds -------------------
+#
+# The generic properties below (NaN rows, means over nothing, empty batches, one
+# class, masked entries, NaN inputs, bad inputs) run on every loss registered in
+# jaxent._define.REGISTRY that has the input kind or the option a scenario needs:
+# each case's call is built from the loss's input kinds and signature, so adding
+# a loss adds its cases without a table of function names. Scenarios whose
+# expected values are closed forms per function (huge and equal logits, -inf
+# rows, ...) keep their own tests and tables.
+
+HIDDEN = 3  # D, the hidden size of the fused heads' inputs
+IGNORE = -100
+# Kinds whose arrays have the logits' shape [N, C]; "binary" (sigmoid labels)
+# marks an elementwise loss, with no class axis.
+LOGITS_SHAPED = ("logits", "probs", "log_probs", "binary")
+# Array-valued options, built from the logits' shape by _options.
+ARRAY_OPTIONS = ("weights", "pos_weight", "bias", "teacher_bias")
+# Known library bugs: (test, case label) -> what is wrong. Each such case is
+# marked xfail(strict=True) until the library is fixed.
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+
+
+def _names():
+    return sorted(REGISTRY)
+
+
+def _kinds(name):
+    return REGISTRY[name].inputs
+
+
+def _positional(name):
+    """Parameter names of ``name``'s positional array arguments."""
+    return list(REGISTRY[name].parameters)[: len(_kinds(name))]
+
+
+def _takes(name, option):
+    return option in REGISTRY[name].parameters
+
+
+def _elementwise(name):
+    return "binary" in _kinds(name)
+
+
+def _float_positions(name):
+    return [i for i, k in enumerate(_kinds(name)) if k != "class_ids"]
+
+
+def _label(name, i, positions):
+    """A case's function label: the name, with the argument under test when the
+    scenario tests more than one of its positions (two logits: student and
+    teacher)."""
+    if len(positions) == 1:
+        return name
+    if all(_kinds(name)[j] == "logits" for j in positions):
+        return f"{name} ({('student', 'teacher')[positions.index(i)]})"
+    return f"{name} ({_positional(name)[i]})"
+
+
+def _param(test, label, *values):
+    """A ``pytest.param`` of ``values``, xfail(strict) when KNOWN_BUGS lists it."""
+    reason = KNOWN_BUGS.get((test, label))
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(*values, marks=marks, id=label)
+
+
+def _clean(kind, shape, rng):
+    """A clean NumPy input of ``kind`` for logits of ``shape`` ``[..., C]``."""
+    batch, c = shape[:-1], shape[-1]
+    if kind == "logits":
+        return rng.normal(size=shape)
+    if kind in ("probs", "log_probs"):
+        p = rng.uniform(0.05, 1.0, size=shape)
+        p = p / p.sum(-1, keepdims=True)
+        return np.log(p) if kind == "log_probs" else p
+    if kind == "binary":
+        return rng.uniform(0.0, 1.0, size=shape)
+    if kind == "class_ids":
+        return np.arange(math.prod(batch), dtype=np.int32).reshape(batch) % c
+    if kind in ("hidden", "teacher_hidden"):
+        return rng.normal(size=(*batch, HIDDEN))
+    if kind in ("weight", "teacher_weight"):
+        return rng.normal(size=(HIDDEN, c))
+    raise AssertionError(f"no adversarial input for kind {kind!r}: add it to _clean")
+
+
+def _inputs(name, shape, *, seed=0, dtype="float64"):
+    """``name``'s clean positional inputs, by kind, for logits of ``shape``;
+    float ones in ``dtype``."""
+    rng = np.random.default_rng(seed)
+    return [
+        jnp.asarray(_clean(kind, shape, rng), None if kind == "class_ids" else dtype)
+        for kind in _kinds(name)
+    ]
+
+
+def _options(name, shape, wanted, *, seed=0, dtype="float64"):
+    """The options of ``wanted`` that ``name`` takes; array options (value True)
+    built for logits of ``shape``."""
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for option, value in wanted.items():
+        if not _takes(name, option):
+            continue
+        if option == "weights":
+            value = rng.uniform(0.5, 2.0, shape[-1])
+        elif option in ("bias", "teacher_bias"):
+            value = rng.normal(size=shape[-1]) * 0.5
+        elif option == "pos_weight":
+            value = rng.uniform(0.5, 2.0, shape)
+        out[option] = jnp.asarray(value, dtype) if option in ARRAY_OPTIONS else value
+    return out
+
+
+def _fn(name, arrays, options, free=None, derive=None):
+    """``(f, args)`` for :func:`evaluate`: ``name`` as a function of the inputs at
+    ``free`` (positions, or names of array options; default: every float input
+    and array option), the rest fixed to ``arrays`` and ``options``; ``derive``
+    maps a position to a function applied to its argument first."""
+    if free is None:
+        free = [*_float_positions(name), *(o for o in ARRAY_OPTIONS if o in options)]
+    derive = derive or {}
+    public = REGISTRY[name].public
+
+    def f(*values):
+        a, kw = list(arrays), dict(options)
+        for k, v in zip(free, values, strict=True):
+            if isinstance(k, int):
+                a[k] = derive.get(k, lambda v: v)(v)
+            else:
+                kw[k] = v
+        return public(*a, **kw)
+
+    return f, tuple(arrays[k] if isinstance(k, int) else options[k] for k in free)
 
 
 # -- masked vocabularies: -inf logits under zero labels -----------------------------
@@ -224,53 +366,58 @@ def test_masked_vocabulary_slices(dtype):
 
 # -- +inf and NaN logits ---------------------------------------------------------
 
-# name -> f(x, t, y, lab): logits x, teacher logits t, soft labels y, labels lab.
-ROW_FUNCTIONS = {
-    "log_softmax": lambda x, *, t, y, lab: jaxent.log_softmax(x),
-    "softmax": lambda x, *, t, y, lab: jaxent.softmax(x),
-    "softmax_cross_entropy": lambda x, *, t, y, lab: SOFT_CE(x, y, label_smoothing=0.1),
-    "softmax_cross_entropy_with_integer_labels": lambda x, *, t, y, lab: INT_CE(
-        x, lab, z_loss=1e-3
-    ),
-    "softmax_entropy": lambda x, *, t, y, lab: jaxent.softmax_entropy(x),
-    "softmax_kl_divergence (student)": lambda x, *, t, y, lab: (
-        jaxent.softmax_kl_divergence(x, t)
-    ),
-    "softmax_kl_divergence (teacher)": lambda x, *, t, y, lab: (
-        jaxent.softmax_kl_divergence(t, x)
-    ),
-}
+# Options turned on where a loss takes them, so that their code sees the row too.
+ROW_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3}
+
+
+def _row_cases():
+    """``{label: (name, position)}``: every logits-kind position of every loss
+    with a class axis (the other inputs clean)."""
+    cases = {}
+    for name in _names():
+        positions = [i for i, k in enumerate(_kinds(name)) if k == "logits"]
+        if _elementwise(name):
+            continue  # no rows: see test_inf_and_nan_logits_in_binary_cross_entropy
+        for i in positions:
+            cases[_label(name, i, positions)] = (name, i)
+    return cases
+
+
+ROW_CASES = _row_cases()
 
 
 @functools.cache
 def _row_results():
-    """Every ROW_FUNCTIONS entry on clean logits and on logits whose row 0 holds
-    a +inf and row 1 a NaN."""
+    """Every ROW_CASES entry on clean logits and on logits whose row 0 holds a
+    +inf and row 1 a NaN, with gradients w.r.t. every float input."""
     rng = np.random.default_rng(1)
     clean = rng.normal(size=(3, 5))
     dirty = clean.copy()
     dirty[0, 2], dirty[1, 3] = INF, NAN
-    t, y = rng.normal(size=(3, 5)), rng.dirichlet(np.ones(5), size=3)
-    labels = jnp.array([1, 1, 1])
     cases = {}
-    for name, f in ROW_FUNCTIONS.items():
-        g = functools.partial(f, t=t, y=y, lab=labels)
-        cases[name, "clean"] = (g, (jnp.asarray(clean),))
-        cases[name, "dirty"] = (g, (jnp.asarray(dirty),))
+    for label, (name, i) in ROW_CASES.items():
+        options = _options(name, clean.shape, ROW_OPTIONS)
+        for state, x in (("clean", clean), ("dirty", dirty)):
+            arrays = _inputs(name, clean.shape, seed=2)
+            arrays[i] = jnp.asarray(x)
+            cases[label, state] = _fn(name, arrays, options)
     return evaluate(cases)
 
 
-@pytest.mark.parametrize("name", sorted(ROW_FUNCTIONS))
-def test_inf_and_nan_logits_give_nan_for_their_row_only(name):
-    """Row 0 holds a +inf logit, row 1 a NaN: their values and gradient rows are
-    NaN (documented); row 2 is unaffected, value and gradient."""
+@pytest.mark.parametrize(
+    "label", [_param("rows", label, label) for label in sorted(ROW_CASES)]
+)
+def test_inf_and_nan_logits_give_nan_for_their_row_only(label):
+    """Row 0 holds a +inf logit, row 1 a NaN: their values and gradient rows (of
+    every input) are NaN (documented); row 2 is unaffected, value and gradients."""
     case = "+inf/NaN logits"
-    value, (gx,) = _row_results()[name, "dirty"]
-    clean_value, (clean_gx,) = _row_results()[name, "clean"]
-    check(case, name, value[:2], np.full(value[:2].shape, NAN))
-    check(case, name, gx[:2], np.full(gx[:2].shape, NAN), "grad")
-    check(case, name, value[2], f64(clean_value[2]))
-    check(case, name, gx[2], f64(clean_gx[2]), "grad")
+    value, grads = _row_results()[label, "dirty"]
+    clean_value, clean_grads = _row_results()[label, "clean"]
+    check(case, label, value[:2], np.full(value[:2].shape, NAN))
+    check(case, label, value[2], f64(clean_value[2]))
+    for g, clean_g in zip(grads, clean_grads, strict=True):
+        check(case, label, g[:2], np.full(g[:2].shape, NAN), "grad")
+        check(case, label, g[2], f64(clean_g[2]), "grad")
 
 
 def test_inf_and_nan_logits_in_binary_cross_entropy():
@@ -619,18 +766,24 @@ def test_label_on_a_class_excluded_by_where_is_inf():
     mask = jnp.array([[True, True, False], [True, True, True]])
     labels = jnp.array([2, 1])
     onehot = jnp.eye(3)[labels]
+    results = evaluate(
+        {
+            "int": (lambda x: INT_CE(x, labels, where=mask), (x,)),
+            "soft": (lambda x: SOFT_CE(x, onehot, where=mask), (x,)),
+            "optax": (
+                lambda x: optax.softmax_cross_entropy(x, onehot, where=mask),
+                (x,),
+            ),
+        },
+        grads=False,
+    )
     check(
         case,
         "softmax_cross_entropy_with_integer_labels",
-        INT_CE(x, labels, where=mask),
+        results["int"][0],
         [INF, soft_ce64(x[1:], onehot[1:])[0]],
     )
-    check(
-        case,
-        "softmax_cross_entropy",
-        SOFT_CE(x, onehot, where=mask),
-        f64(optax.softmax_cross_entropy(x, onehot, where=mask)),
-    )
+    check(case, "softmax_cross_entropy", results["soft"][0], f64(results["optax"][0]))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
@@ -764,77 +917,71 @@ def test_zero_probabilities_as_target_and_as_prediction():
 
 # -- nothing counted, out-of-range labels, empty batches, one class ----------------
 
+# Options turned on where a loss takes them (array options as free arguments).
+NOTHING_OPTIONS = {
+    "weights": True,
+    "bias": True,
+    "teacher_bias": True,
+    "label_smoothing": 0.1,
+    "z_loss": 1e-3,
+    "hard_weight": 0.5,
+}
+
+
+def _nothing_ways(name):
+    """The ways ``name`` can count nothing in a mean."""
+    if not _takes(name, "reduction"):
+        return []
+    d, ways = REGISTRY[name], []
+    if "class_ids" in d.inputs and _takes(name, "ignore_index"):
+        ways.append("all ignored")
+    if _takes(name, "where") and d.where in ("both", "rows"):
+        ways.append("example mask all False")
+    if _takes(name, "where") and d.where in ("both", "classes"):
+        ways.append("class mask all False")
+    if "class_ids" in d.inputs and _takes(name, "weights"):
+        ways.append("no label weight")
+    return ways
+
+
 NOTHING = {
-    "softmax_cross_entropy_with_integer_labels (all ignored)": lambda x, w: INT_CE(
-        x, jnp.array([-100, -100, -100]), ignore_index=-100, weights=w, reduction="mean"
-    ),
-    "softmax_cross_entropy_with_integer_labels (example mask all False)": lambda x, w: (
-        INT_CE(
-            x,
-            jnp.array([0, 1, 2]),
-            where=jnp.zeros(3, bool),
-            weights=w,
-            label_smoothing=0.1,
-            reduction="mean",
-        )
-    ),
-    "softmax_cross_entropy_with_integer_labels (class mask all False)": lambda x, w: (
-        INT_CE(
-            x,
-            jnp.array([0, 1, 2]),
-            where=jnp.zeros((3, 4), bool),
-            reduction="mean",
-        )
-        + 0 * jnp.sum(w)
-    ),
-    "softmax_cross_entropy_with_integer_labels (no label weight)": lambda x, w: INT_CE(
-        x,
-        jnp.array([0, 1, 0]),
-        weights=w * jnp.array([0.0, 0.0, 1.0, 1.0]),
-        reduction="mean",
-    ),
-    "softmax_cross_entropy (example mask all False)": lambda x, w: SOFT_CE(
-        x, jax.nn.softmax(x * w), where=jnp.zeros(3, bool), reduction="mean"
-    ),
-    "softmax_kl_divergence (example mask all False)": lambda x, w: (
-        jaxent.softmax_kl_divergence(
-            x, x * w, where=jnp.zeros(3, bool), reduction="mean"
-        )
-    ),
-    "linear_softmax_cross_entropy (all ignored)": lambda x, w: LINEAR_CE(
-        x,
-        jnp.outer(w, w),
-        jnp.array([-100, -100, -100]),
-        bias=w,
-        ignore_index=-100,
-        reduction="mean",
-    ),
-    "linear_softmax_cross_entropy (example mask all False)": lambda x, w: LINEAR_CE(
-        x,
-        jnp.outer(w, w),
-        jnp.array([0, 1, 2]),
-        where=jnp.zeros(3, bool),
-        label_smoothing=0.1,
-        reduction="mean",
-    ),
+    f"{name} ({way})": (name, way) for name in _names() for way in _nothing_ways(name)
 }
 
 
 @functools.cache
 def _nothing_results():
-    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 4)))
-    w = jnp.array([0.5, 1.0, 2.0, 1.5])
-    return evaluate({name: (f, (x, w)) for name, f in NOTHING.items()})
+    shape = (3, 4)
+    cases = {}
+    for label, (name, way) in NOTHING.items():
+        arrays = _inputs(name, shape, seed=4)
+        options = dict(_options(name, shape, NOTHING_OPTIONS), reduction="mean")
+        ids = _kinds(name).index("class_ids") if "class_ids" in _kinds(name) else None
+        if way == "all ignored":
+            arrays[ids] = jnp.full_like(arrays[ids], IGNORE)
+            options["ignore_index"] = IGNORE
+        elif way == "example mask all False":
+            options["where"] = jnp.zeros(shape[:-1], bool)
+        elif way == "class mask all False":
+            options["where"] = jnp.zeros(shape, bool)
+        else:  # no label weight: every label's class has weight 0
+            labelled = np.isin(np.arange(shape[-1]), np.asarray(arrays[ids]))
+            options["weights"] = jnp.where(labelled, 0.0, options["weights"])
+        cases[label] = _fn(name, arrays, options)
+    return evaluate(cases)
 
 
-@pytest.mark.parametrize("name", sorted(NOTHING))
-def test_mean_over_nothing_is_zero_with_zero_gradient(name):
-    """A mean over zero counted examples is 0 with zero gradients (never NaN)."""
+@pytest.mark.parametrize(
+    "label", [_param("nothing", label, label) for label in sorted(NOTHING)]
+)
+def test_mean_over_nothing_is_zero_with_zero_gradient(label):
+    """A mean over zero counted examples is 0 with zero gradients (never NaN),
+    w.r.t. every float input and array option."""
     case = "mean over nothing"
-    value, grads = _nothing_results()[name]
-    check(case, name, value, 0.0)
+    value, grads = _nothing_results()[label]
+    check(case, label, value, 0.0)
     for g in grads:
-        check(case, name, g, 0.0, "grad")
+        check(case, label, g, 0.0, "grad")
         assert np.all(f64(g) == 0)
 
 
@@ -865,94 +1012,139 @@ def test_out_of_range_and_negative_labels_are_nan_for_their_example(options):
     check(case, name, results["mean"][0], NAN)
 
 
-EMPTY = {
-    "log_softmax": lambda x: jaxent.log_softmax(x),
-    "softmax": lambda x: jaxent.softmax(x),
-    "softmax_entropy": lambda x: jaxent.softmax_entropy(x),
-    "entropy": lambda x: jaxent.entropy(jax.nn.softmax(x)),
-    "cross_entropy": lambda x: jaxent.cross_entropy(
-        jax.nn.softmax(x), jax.nn.softmax(x)
-    ),
-    "kl_divergence": lambda x: jaxent.kl_divergence(x, jax.nn.softmax(x)),
-    "kl_divergence_with_log_targets": lambda x: jaxent.kl_divergence_with_log_targets(
-        x, x
-    ),
-}
-for _r in ("none", "sum", "mean"):
-    EMPTY[f"softmax_cross_entropy[{_r}]"] = lambda x, r=_r: SOFT_CE(
-        x, jax.nn.softmax(x), reduction=r, label_smoothing=0.1
-    )
-    EMPTY[f"softmax_cross_entropy_with_integer_labels[{_r}]"] = lambda x, r=_r: INT_CE(
-        x,
-        jnp.zeros(x.shape[:-1], jnp.int32),
-        reduction=r,
-        weights=jnp.ones(x.shape[-1]),
-    )
-    EMPTY[f"sigmoid_binary_cross_entropy[{_r}]"] = lambda x, r=_r: (
-        jaxent.sigmoid_binary_cross_entropy(x, jax.nn.sigmoid(x), reduction=r)
-    )
-    EMPTY[f"softmax_kl_divergence[{_r}]"] = lambda x, r=_r: (
-        jaxent.softmax_kl_divergence(x, x, reduction=r)
-    )
-    EMPTY[f"linear_softmax_cross_entropy[{_r}]"] = lambda x, r=_r: LINEAR_CE(
-        x, jnp.ones((5, 3)), jnp.zeros(0, jnp.int32), reduction=r, label_smoothing=0.1
-    )
+EMPTY_OPTIONS = {"weights": True, "bias": True, "label_smoothing": 0.1}
+
+
+def _empty_cases():
+    """``{label: (name, reduction)}``: every loss, at every reduction it takes."""
+    cases = {}
+    for name in _names():
+        if _takes(name, "reduction"):
+            for r in ("none", "sum", "mean"):
+                cases[f"{name}[{r}]"] = (name, r)
+        else:
+            cases[name] = (name, None)
+    return cases
+
+
+EMPTY = _empty_cases()
 
 
 @functools.cache
 def _empty_results():
-    return evaluate({name: (f, (jnp.zeros((0, 5)),)) for name, f in EMPTY.items()})
+    shape = (0, 5)
+    cases = {}
+    for label, (name, reduction) in EMPTY.items():
+        options = _options(name, shape, EMPTY_OPTIONS)
+        if reduction is not None:
+            options["reduction"] = reduction
+        cases[label] = _fn(name, _inputs(name, shape), options)
+    return evaluate(cases), {label: args for label, (_, args) in cases.items()}
 
 
-@pytest.mark.parametrize("name", sorted(EMPTY))
-def test_empty_batch(name):
-    """A size-0 batch: empty outputs, or 0 for "sum" and "mean"; empty gradients."""
+@pytest.mark.parametrize(
+    "label", [_param("empty", label, label) for label in sorted(EMPTY)]
+)
+def test_empty_batch(label):
+    """A size-0 batch: empty outputs, or 0 for "sum" and "mean"; gradients of the
+    inputs' shapes, zero for the array options (nothing uses them)."""
     case = "empty batch"
-    value, (g,) = _empty_results()[name]
+    results, args = _empty_results()
+    value, grads = results[label]
     if value.ndim == 0:
-        check(case, name, value, 0.0)
+        check(case, label, value, 0.0)
     else:
         assert value.shape[0] == 0
-    assert g.shape == (0, 5)
+    for g, a in zip(grads, args[label], strict=True):
+        assert g.shape == a.shape, (g.shape, a.shape)
+        if a.size:
+            check(case, label, g, 0.0, "grad")
 
 
-def test_single_class():
-    """C = 1: the only class has probability 1, so every loss is 0 (the z-loss
-    z x**2 aside) with exact gradients."""
-    case = "one class"
+def _one_class_cases():
+    """``{label: (name, z_loss)}``: every loss with a class axis, and again with
+    its z-loss where it has one."""
+    cases = {}
+    for name in _names():
+        if _elementwise(name):
+            continue  # elementwise: one class is nothing special
+        cases[name] = (name, 0.0)
+        if _takes(name, "z_loss"):
+            cases[f"{name} (z-loss)"] = (name, 0.1)
+    return cases
+
+
+ONE_CLASS = _one_class_cases()
+ONE_CLASS_OPTIONS = {
+    "label_smoothing": 0.3,
+    "weights": True,
+    "bias": True,
+    "teacher_bias": True,
+    "hard_weight": 0.5,
+}
+
+
+def _one_class_call(name, z):
+    """``(f, args)``: ``name`` on one class, every probability input derived from
+    the logits ``x`` (1, or 0 as a log) so that it is a function of ``x``."""
     x = jnp.array([[0.7], [-3.0], [250.0]])
-    labels = jnp.array([0, 0, 0])
-    table = [
-        (
-            "softmax_cross_entropy_with_integer_labels",
-            lambda x: INT_CE(x, labels, label_smoothing=0.3),
-            0.0,
-            0.0,
-        ),
-        (
-            "softmax_cross_entropy_with_integer_labels (z-loss)",
-            lambda x: INT_CE(x, labels, z_loss=0.1),
-            0.1 * f64(x[:, 0]) ** 2,
-            0.2 * f64(x),
-        ),
-        ("softmax_cross_entropy", lambda x: SOFT_CE(x, 2 * jnp.ones_like(x)), 0.0, 0.0),
-        ("log_softmax", jaxent.log_softmax, 0.0, 0.0),
-        ("softmax", jaxent.softmax, 1.0, 0.0),
-        ("softmax_entropy", jaxent.softmax_entropy, 0.0, 0.0),
-        (
-            "softmax_kl_divergence",
-            lambda x: jaxent.softmax_kl_divergence(x, -x),
-            0.0,
-            0.0,
-        ),
-        ("entropy", lambda x: jaxent.entropy(x / x), 0.0, 0.0),
-        ("cross_entropy", lambda x: jaxent.cross_entropy(x / x, x / x), 0.0, 0.0),
-    ]
-    results = evaluate({name: (f, (x,)) for name, f, _, _ in table})
-    for name, _, expected, grad in table:
-        value, (g,) = results[name]
-        check(case, name, value, expected)
-        check(case, name, g, grad, "grad")
+    arrays = _inputs(name, x.shape, seed=6)
+    derive = {}
+    logits = 0
+    for i, kind in enumerate(_kinds(name)):
+        if kind == "logits":
+            arrays[i] = x if logits == 0 else -x
+            logits += 1
+        elif kind == "probs":
+            arrays[i], derive[i] = x, jax.nn.softmax
+        elif kind == "log_probs":
+            arrays[i], derive[i] = x, jax.nn.log_softmax
+        elif kind == "class_ids":
+            arrays[i] = jnp.zeros(x.shape[:-1], jnp.int32)
+    options = _options(name, x.shape, ONE_CLASS_OPTIONS if z == 0 else {"z_loss": z})
+    return _fn(name, arrays, options, derive=derive)
+
+
+def _one_class_expected(name, z, args):
+    """The expected value and gradients: 0 (softmax 1), and with a z-loss the
+    z l**2 of the logits ``l`` (``hidden @ weight`` for a fused head)."""
+    value = 1.0 if name == "softmax" else 0.0
+    grads = [np.zeros(np.shape(a)) for a in args]
+    if z:
+        kinds = _kinds(name)
+        if "hidden" in kinds:
+            h, w = (f64(args[kinds.index(k)]) for k in ("hidden", "weight"))
+            logit = h @ w
+            gl = 2 * z * logit
+            grads[kinds.index("hidden")] = gl @ w.T
+            grads[kinds.index("weight")] = h.T @ gl
+        else:
+            logit = f64(args[kinds.index("logits")])
+            grads[kinds.index("logits")] = 2 * z * logit
+        value = z * logit[:, 0] ** 2
+    return value, grads
+
+
+@functools.cache
+def _one_class_results():
+    cases = {label: _one_class_call(*spec) for label, spec in ONE_CLASS.items()}
+    return evaluate(cases), {label: args for label, (_, args) in cases.items()}
+
+
+@pytest.mark.parametrize(
+    "label", [_param("one class", label, label) for label in sorted(ONE_CLASS)]
+)
+def test_single_class(label):
+    """C = 1: the only class has probability 1, so every loss is 0 (the z-loss
+    z l**2 aside) with exact gradients, w.r.t. every float input."""
+    case = "one class"
+    results, args = _one_class_results()
+    name, z = ONE_CLASS[label]
+    value, grads = results[label]
+    expected, expected_grads = _one_class_expected(name, z, args[label])
+    check(case, label, value, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        check(case, label, g, e, "grad")
 
 
 def test_row_of_all_minus_inf_logits():
@@ -1005,610 +1197,426 @@ def test_row_of_all_minus_inf_logits():
 
 # -- what a `where` mask hides ----------------------------------------------------
 
-# name -> (f(x, other, mask), other): ``x`` holds the entries under test and
-# ``other`` is the function's second float input (unused by one-input functions).
-LABELS = [[0.5, 0.0, 0.5, 0.0], [0.25, 0.75, 0.0, 0.0]]
-WHERE_FUNCTIONS = {
-    "log_softmax": (lambda x, o, m: jaxent.log_softmax(x, where=m), 0.0),
-    "softmax": (lambda x, o, m: jaxent.softmax(x, where=m), 0.0),
-    "softmax_cross_entropy": (
-        lambda x, o, m: SOFT_CE(x, o, where=m, label_smoothing=0.1, z_loss=1e-3),
-        LABELS,
-    ),
-    "softmax_cross_entropy_with_integer_labels": (
-        lambda x, o, m: INT_CE(x, jnp.array([2, 0]), where=m, label_smoothing=0.1),
-        0.0,
-    ),
-    "softmax_entropy": (lambda x, o, m: jaxent.softmax_entropy(x, where=m), 0.0),
-    "softmax_kl_divergence (student)": (
-        lambda x, o, m: jaxent.softmax_kl_divergence(x, o, where=m),
-        [[0.3, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]],
-    ),
-    "softmax_kl_divergence (teacher)": (
-        lambda x, o, m: jaxent.softmax_kl_divergence(o, x, where=m),
-        [[0.3, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]],
-    ),
-    "kl_divergence (prediction)": (
-        lambda x, o, m: jaxent.kl_divergence(x, o, where=m),
-        0.25,
-    ),
-    "kl_divergence (target)": (
-        lambda x, o, m: jaxent.kl_divergence(o, x, where=m),
-        -1.0,
-    ),
-    "kl_divergence_with_log_targets (prediction)": (
-        lambda x, o, m: jaxent.kl_divergence_with_log_targets(x, o, where=m),
-        -1.0,
-    ),
-    "kl_divergence_with_log_targets (target)": (
-        lambda x, o, m: jaxent.kl_divergence_with_log_targets(o, x, where=m),
-        -1.0,
-    ),
-}
-# Non-finite or huge entries under the mask leak into a value or a gradient:
-# bug 1 in notes/bugs_issue3.md.
-
-
-MASKED_X = np.array([[0.1, 0.2, 0.3, 0.4], [0.3, 0.1, 0.4, 0.2]])
+# A class mask and one admitted class per row.
 MASK = np.array([[True, False, True, False], [True, True, True, False]])
+MASK_LABELS = np.array([2, 0])
 FILLS = {"float64": ("nan", "inf", "-inf"), "float32": ("1e4",), "bfloat16": ("1e4",)}
+WHERE_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3}
+
+
+def _where_cases():
+    """``{label: (name, position)}``: every input of the logits' shape of every
+    loss that takes a class mask."""
+    cases = {}
+    for name in _names():
+        if not _takes(name, "where") or REGISTRY[name].where == "rows":
+            continue
+        positions = [i for i, k in enumerate(_kinds(name)) if k in LOGITS_SHAPED]
+        for i in positions:
+            cases[_label(name, i, positions)] = (name, i)
+    return cases
+
+
+WHERE_FUNCTIONS = _where_cases()
 
 
 @functools.cache
 def _masked_results(name):
-    """``name`` with harmless entries and with each fill under the mask, for
-    every dtype, in one program."""
-    f, other = WHERE_FUNCTIONS[name]
-    cases = {}
+    """``name`` on clean inputs and with each fill under the mask in each input
+    under test, stacked by rows (every loss here is row-wise): one case per
+    dtype, in one program; ``{(position, dtype, fill): (value, gradients)}``."""
+    positions = sorted(i for n, i in WHERE_FUNCTIONS.values() if n == name)
+    rows = MASK.shape[0]
+    cases, blocks = {}, {}
     for dtype, fills in FILLS.items():
-        o = jnp.asarray(
-            np.broadcast_to(np.asarray(other, np.float64), MASK.shape), dtype
-        )
-        g = functools.partial(lambda x, o, f: f(x, o, jnp.asarray(MASK)), f=f)
-        for fill in ("clean", *fills):
-            x = MASKED_X if fill == "clean" else np.where(MASK, MASKED_X, float(fill))
-            cases[dtype, fill] = (g, (jnp.asarray(x, dtype), o))
-    return evaluate(cases)
+        clean = _inputs(name, MASK.shape, seed=7, dtype=dtype)
+        if "class_ids" in _kinds(name):
+            clean[_kinds(name).index("class_ids")] = jnp.asarray(MASK_LABELS)
+        variants = [(None, "clean", clean)]
+        for i in positions:
+            for fill in fills:
+                dirty = list(clean)
+                dirty[i] = jnp.where(MASK, clean[i], jnp.asarray(float(fill), dtype))
+                variants.append((i, fill, dirty))
+        blocks[dtype] = [(i, fill) for i, fill, _ in variants]
+        arrays = [
+            jnp.concatenate(a) for a in zip(*(v for _, _, v in variants), strict=True)
+        ]
+        shape = (len(variants) * rows, MASK.shape[1])
+        options = _options(name, shape, WHERE_OPTIONS, dtype=dtype)
+        options["where"] = jnp.tile(MASK, (len(variants), 1))
+        cases[dtype] = _fn(name, arrays, options)
+    out = {}
+    for dtype, (value, grads) in evaluate(cases).items():
+        for j, (i, fill) in enumerate(blocks[dtype]):
+            block = slice(j * rows, (j + 1) * rows)
+            out[i, dtype, fill] = (value[block], [g[block] for g in grads])
+    return out
 
 
-def _check_masked(case, name, fill, dtype):
-    """Values and both gradients with ``fill`` at the excluded entries equal those
+def _check_masked(case, label, fill, dtype):
+    """Values and every gradient with ``fill`` at the excluded entries equal those
     with harmless entries there, and the gradients are exactly 0 there."""
-    value, grads = _masked_results(name)[dtype, fill]
-    clean_value, clean_grads = _masked_results(name)[dtype, "clean"]
-    check(case, name, value, f64(clean_value))
+    name, i = WHERE_FUNCTIONS[label]
+    value, grads = _masked_results(name)[i, dtype, fill]
+    clean_value, clean_grads = _masked_results(name)[None, dtype, "clean"]
+    check(case, label, value, f64(clean_value))
     for g, clean_g in zip(grads, clean_grads, strict=True):
-        check(case, name, g, np.where(MASK, f64(clean_g), 0.0), "grad")
+        check(case, label, g, np.where(MASK, f64(clean_g), 0.0), "grad")
+
+
+def _where_params(test):
+    return [_param(test, label, label) for label in sorted(WHERE_FUNCTIONS)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", sorted(WHERE_FUNCTIONS))
-def test_huge_masked_out_logits_get_exactly_zero_gradient(name, dtype, request):
+@pytest.mark.parametrize("label", _where_params("1e4 under a where mask"))
+def test_huge_masked_out_logits_get_exactly_zero_gradient(label, dtype):
     """1e4 at the entries a `where` mask excludes: exactly zero gradient there and
     the same value and gradients elsewhere as with harmless entries."""
-    _check_masked("1e4 under a where mask", name, "1e4", dtype)
+    _check_masked("1e4 under a where mask", label, "1e4", dtype)
 
 
 @pytest.mark.parametrize("fill", ["nan", "inf", "-inf"])
-@pytest.mark.parametrize("name", sorted(WHERE_FUNCTIONS))
-def test_non_finite_entries_excluded_by_where_do_not_leak(name, fill, request):
+@pytest.mark.parametrize("label", _where_params("non-finite under a where mask"))
+def test_non_finite_entries_excluded_by_where_do_not_leak(label, fill):
     """An excluded entry is excluded whatever it holds (masked padding often
     holds garbage): NaN or +/-inf there changes no value and gets zero gradient."""
-    _check_masked(f"{fill} under a where mask", name, fill, "float64")
+    _check_masked(f"{fill} under a where mask", label, fill, "float64")
 
 
 # -- NaN inputs propagate ------------------------------------------------------------
 
-NAN_INPUTS = {
-    "softmax_cross_entropy (labels)": lambda v: SOFT_CE(jnp.zeros((2, 3)), v),
-    "softmax_cross_entropy_with_integer_labels (weights)": lambda v: INT_CE(
-        jnp.zeros((2, 3)), jnp.array([0, 1]), weights=v[0]
-    ),
-    "sigmoid_binary_cross_entropy (labels)": lambda v: jnp.sum(
-        jaxent.sigmoid_binary_cross_entropy(jnp.ones((2, 3)), v), axis=-1
-    ),
-    "entropy": lambda v: jaxent.entropy(v),
-    "cross_entropy (p)": lambda v: jaxent.cross_entropy(v, jnp.full((2, 3), 1 / 3)),
-    "cross_entropy (q)": lambda v: jaxent.cross_entropy(jnp.full((2, 3), 1 / 3), v),
-    "kl_divergence (targets)": lambda v: jaxent.kl_divergence(
-        jnp.log(jnp.full((2, 3), 1 / 3)), v
-    ),
-    "kl_divergence (log_predictions)": lambda v: jaxent.kl_divergence(
-        jnp.log(v), jnp.full((2, 3), 1 / 3)
-    ),
-    "kl_divergence_with_log_targets": lambda v: jaxent.kl_divergence_with_log_targets(
-        jnp.log(jnp.full((2, 3), 1 / 3)), jnp.log(v)
-    ),
-}
+
+def _nan_cases():
+    """``{label: (name, argument)}``: every float input with a batch axis (a
+    position, or an array option that weights examples apart), but the logits
+    of losses with rows (test_inf_and_nan_logits_give_nan_for_their_row_only)."""
+    cases = {}
+    for name in _names():
+        kinds = _kinds(name)
+        for i, kind in enumerate(kinds):
+            if kind in ("class_ids", "weight", "teacher_weight"):
+                continue  # not a float input, or shared by every example
+            if kind == "logits" and not _elementwise(name):
+                continue
+            cases[f"{name} ({_positional(name)[i]})"] = (name, i)
+        # Class weights apply to the examples labelled with that class only.
+        for option in ("weights", "pos_weight"):
+            if _takes(name, option) and (option != "weights" or "class_ids" in kinds):
+                cases[f"{name} ({option})"] = (name, option)
+    return cases
+
+
+NAN_INPUTS = _nan_cases()
 
 
 @functools.cache
 def _nan_results():
-    v = np.full((2, 3), 1 / 3)
-    dirty = v.copy()
-    dirty[0, 0] = NAN
+    shape = (2, 3)
     cases = {}
-    for name, f in NAN_INPUTS.items():
-        cases[name, "clean"] = (f, (jnp.asarray(v),))
-        cases[name, "dirty"] = (f, (jnp.asarray(dirty),))
-    return evaluate(cases)
+    for label, (name, arg) in NAN_INPUTS.items():
+        arrays = _inputs(name, shape, seed=8)
+        wanted = {arg: True} if isinstance(arg, str) else {}
+        options = _options(name, shape, wanted)
+        for state in ("clean", "dirty"):
+            a, kw = list(arrays), dict(options)
+            if state == "dirty":
+                if isinstance(arg, int):
+                    a[arg] = a[arg].at[(0,) * a[arg].ndim].set(NAN)
+                else:  # class 0 is example 0's label, and only its
+                    kw[arg] = kw[arg].at[(0,) * kw[arg].ndim].set(NAN)
+            cases[label, state] = _fn(name, a, kw, free=[])
+    return evaluate(cases, grads=False)
 
 
-@pytest.mark.parametrize("name", sorted(NAN_INPUTS))
-def test_nan_inputs_propagate(name):
+def _per_example(value):
+    """Values of an elementwise loss summed over the class axis."""
+    return value if value.ndim < 2 else np.sum(f64(value), axis=-1)
+
+
+@pytest.mark.parametrize(
+    "label", [_param("NaN inputs", label, label) for label in sorted(NAN_INPUTS)]
+)
+def test_nan_inputs_propagate(label):
     """A NaN in any input makes its example NaN and leaves the others exact."""
     case = "NaN inputs"
-    value = _nan_results()[name, "dirty"][0]
-    clean = _nan_results()[name, "clean"][0]
-    check(case, name, value, [NAN, f64(clean)[1]])
+    value = _per_example(_nan_results()[label, "dirty"][0])
+    clean = _per_example(_nan_results()[label, "clean"][0])
+    check_finite(case, label, clean)
+    check(case, label, value, [NAN, f64(clean)[1]])
 
 
 # -- trace-time errors: one parametrized test per bad-input kind -------------------
 
-X = jnp.ones((2, 3))
-LABELS_INT = jnp.array([0, 1])
-AXIS_FUNCTIONS = {
-    "log_softmax": lambda **kw: jaxent.log_softmax(X, **kw),
-    "softmax": lambda **kw: jaxent.softmax(X, **kw),
-    "softmax_cross_entropy": lambda **kw: SOFT_CE(X, X, **kw),
-    "softmax_cross_entropy_with_integer_labels": lambda **kw: INT_CE(
-        X, LABELS_INT, **kw
-    ),
-    "entropy": lambda **kw: jaxent.entropy(X, **kw),
-    "cross_entropy": lambda **kw: jaxent.cross_entropy(X, X, **kw),
-    "kl_divergence": lambda **kw: jaxent.kl_divergence(X, X, **kw),
-    "kl_divergence_with_log_targets": lambda **kw: (
-        jaxent.kl_divergence_with_log_targets(X, X, **kw)
-    ),
-    "softmax_entropy": lambda **kw: jaxent.softmax_entropy(X, **kw),
-    "softmax_kl_divergence": lambda **kw: jaxent.softmax_kl_divergence(X, X, **kw),
+BAD_SHAPE = (2, 3)  # the logits' shape of every bad-input call
+# Options that are static Python numbers: a bad value per kind of check, and a
+# traced value (they select the compiled program).
+BAD_NUMBERS = {
+    "label_smoothing": [
+        ("label_smoothing outside [0, 1]", v) for v in (1.5, -0.1, NAN)
+    ],
+    "z_loss": [("z_loss negative", -1.0)],
+    "base": [("base not a valid logarithm base", v) for v in (1.0, 0.0, -2.0)],
+    "temperature": [
+        ("temperature not positive", 0.0),
+        ("temperature not positive", -1.0),
+        ("temperature not finite", INF),
+    ],
+    "beta": [("beta outside [0, 1]", v) for v in (1.5, -0.1, NAN)],
+    "alpha": [("alpha outside [0, 1]", v) for v in (1.5, -0.1)],
+    "epsilon": [("epsilon not finite", v) for v in (INF, NAN)],
+    "gamma": [("gamma negative", -1.0), ("gamma not finite", INF)],
+    "hard_weight": [("hard_weight negative", -1.0)],
+    "soft_weight": [("soft_weight negative", -1.0)],
+    "softcap": [("softcap not positive", v) for v in (0.0, -1.0)],
+    "filter_eps": [("filter_eps not positive", v) for v in (0.0, -1.0)],
 }
-WHERE_CAPABLE = [n for n in AXIS_FUNCTIONS if n not in ("entropy", "cross_entropy")]
-REDUCING = {
-    "softmax_cross_entropy": lambda **kw: SOFT_CE(X, X, **kw),
-    "softmax_cross_entropy_with_integer_labels": lambda **kw: INT_CE(
-        X, LABELS_INT, **kw
-    ),
-    "sigmoid_binary_cross_entropy": lambda **kw: jaxent.sigmoid_binary_cross_entropy(
-        X, X, **kw
-    ),
-    "softmax_kl_divergence": lambda **kw: jaxent.softmax_kl_divergence(X, X, **kw),
-    "linear_softmax_cross_entropy": lambda **kw: LINEAR_CE(
-        X, jnp.ones((3, 4)), LABELS_INT, **kw
-    ),
+# Other options: (kind, value, error, what the message must show).
+BAD_OPTIONS = {
+    "reduction": [("reduction unknown", "avg", ValueError, "'avg'")],
+    "ignore_index": [
+        ("ignore_index not an integer", "a", TypeError, "'a'"),
+        ("ignore_index not an integer", 1.5, TypeError, "1.5"),
+    ],
+    "axis": [
+        ("axis out of range", 2, ValueError, "2"),
+        ("axis out of range", -3, ValueError, "-3"),
+        ("axis not an integer", "a", TypeError, "'a'"),
+        ("axis not an integer", 1.5, TypeError, "1.5"),
+        ("axis repeated", (1, -1), ValueError, "(1, -1)"),
+    ],
+    "block_size": [
+        ("block_size not positive", 0, ValueError, "0"),
+        ("block_size not positive", 2.5, ValueError, "2.5"),
+    ],
+    "implementation": [("implementation unknown", "cuda", ValueError, "'cuda'")],
+    "return_aux": [("return_aux not a bool", 1, TypeError, "1")],
 }
-INT3 = jnp.ones((2, 3), jnp.int32)
-# (function, call, argument, the received value as the message must show it)
-FIRST_NOT_FLOAT = [
-    ("log_softmax", lambda: jaxent.log_softmax(INT3), "logits"),
-    ("softmax", lambda: jaxent.softmax(INT3), "logits"),
-    ("softmax_cross_entropy", lambda: SOFT_CE(INT3, X), "logits"),
-    (
-        "softmax_cross_entropy_with_integer_labels",
-        lambda: INT_CE(INT3, LABELS_INT),
-        "logits",
-    ),
-    (
-        "sigmoid_binary_cross_entropy",
-        lambda: jaxent.sigmoid_binary_cross_entropy(INT3, X),
-        "logits",
-    ),
-    ("entropy", lambda: jaxent.entropy(INT3), "probs"),
-    ("cross_entropy", lambda: jaxent.cross_entropy(INT3, X), "p"),
-    ("kl_divergence", lambda: jaxent.kl_divergence(INT3, X), "log_predictions"),
-    (
-        "kl_divergence_with_log_targets",
-        lambda: jaxent.kl_divergence_with_log_targets(INT3, X),
-        "log_predictions",
-    ),
-    ("softmax_entropy", lambda: jaxent.softmax_entropy(INT3), "logits"),
-    ("softmax_kl_divergence", lambda: jaxent.softmax_kl_divergence(INT3, X), "logits"),
-]
-SECOND_NOT_FLOAT = [
-    ("softmax_cross_entropy", lambda: SOFT_CE(X, INT3), "labels"),
-    ("cross_entropy", lambda: jaxent.cross_entropy(X, INT3), "q"),
-    ("kl_divergence", lambda: jaxent.kl_divergence(X, INT3), "targets"),
-    (
-        "kl_divergence_with_log_targets",
-        lambda: jaxent.kl_divergence_with_log_targets(X, INT3),
-        "log_targets",
-    ),
-    (
-        "softmax_kl_divergence",
-        lambda: jaxent.softmax_kl_divergence(X, INT3),
-        "target_logits",
-    ),
-]
-X24 = jnp.ones((2, 4))
-SECOND_WRONG_SHAPE = [
-    ("softmax_cross_entropy", lambda: SOFT_CE(X, X24), "labels"),
-    (
-        "sigmoid_binary_cross_entropy",
-        lambda: jaxent.sigmoid_binary_cross_entropy(X, X24),
-        "labels",
-    ),
-    ("cross_entropy", lambda: jaxent.cross_entropy(X, X24), "q"),
-    ("kl_divergence", lambda: jaxent.kl_divergence(X, X24), "targets"),
-    (
-        "kl_divergence_with_log_targets",
-        lambda: jaxent.kl_divergence_with_log_targets(X, X24),
-        "log_targets",
-    ),
-    (
-        "softmax_kl_divergence",
-        lambda: jaxent.softmax_kl_divergence(X, X24),
-        "target_logits",
-    ),
-]
+# Options whose bad values only show inside shard_map (tests/test_sharded.py).
+NO_BAD_INPUT = ("axis_name",)
+# Options that must be static numbers: the signature's float annotations.
+STATIC_NUMBER = ("float", "float | None")
 
 
-def _traced_option(name):
-    """Calls the integer-label loss with option ``name`` traced under jit."""
-    return lambda: jax.jit(lambda v: INT_CE(X, LABELS_INT, **{name: v}))(0.1)
+def _wrong_shape(kind, a):
+    """An input of ``kind`` whose shape the loss must reject, given a good ``a``."""
+    if kind in LOGITS_SHAPED:
+        return jnp.ones((*a.shape[:-1], a.shape[-1] + 1), a.dtype)
+    if kind in ("weight", "teacher_weight"):
+        return jnp.ones((a.shape[0] + 1, a.shape[1]), a.dtype)
+    if kind == "teacher_hidden":
+        return jnp.ones((a.shape[0] + 1, *a.shape[1:]), a.dtype)
+    raise AssertionError(f"no wrong shape for kind {kind!r}: add it to _wrong_shape")
 
 
-def _bad_inputs():
-    """``(kind, function, call, error, argument, received)`` for every kind of bad
-    input and every function that takes the argument."""
+def _caller(name, arrays, options):
+    public = REGISTRY[name].public
+    return lambda: public(*arrays, **options)
+
+
+def _bad_inputs_of(name):
+    """``(kind, function, call, error, argument, received)`` for every bad input
+    that ``name``'s input kinds and signature admit."""
     rows = []
-    for fn, call, arg in FIRST_NOT_FLOAT:
-        rows.append(("input not floating point", fn, call, TypeError, arg, "int32"))
-    for fn, call, arg in SECOND_NOT_FLOAT:
-        rows.append(
-            ("second input not floating point", fn, call, TypeError, arg, "int32")
-        )
-    for fn, call, arg in SECOND_WRONG_SHAPE:
-        rows.append(
-            ("second input of another shape", fn, call, ValueError, arg, "(2, 4)")
-        )
-    name = "softmax_cross_entropy_with_integer_labels"
-    rows += [
-        (
-            "integer labels not integers",
-            name,
-            lambda: INT_CE(X, jnp.ones(2)),
-            TypeError,
-            "labels",
-            "float",
-        ),
-        (
-            "integer labels not integers",
-            name,
-            lambda: INT_CE(X, jnp.array([True, False])),
-            TypeError,
-            "labels",
-            "bool",
-        ),
-        (
-            "integer labels of the wrong shape",
-            name,
-            lambda: INT_CE(X, jnp.zeros(3, int)),
-            ValueError,
-            "labels",
-            "(3,)",
-        ),
-        (
+    kinds, params = _kinds(name), REGISTRY[name].parameters
+    arrays = _inputs(name, BAD_SHAPE)
+
+    def bad(kind, error, argument, received, *, at=None, value=None, **opts):
+        a = list(arrays)
+        if at is not None:
+            a[at] = value
+        rows.append((kind, name, _caller(name, a, opts), error, argument, received))
+
+    # Positional inputs: dtype and shape.
+    for i, (param, k) in enumerate(zip(_positional(name), kinds, strict=True)):
+        a = arrays[i]
+        if k == "class_ids":
+            for v, shown in ((jnp.ones(a.shape), "float"), (a > 0, "bool")):
+                bad(
+                    "integer labels not integers",
+                    TypeError,
+                    param,
+                    shown,
+                    at=i,
+                    value=v,
+                )
+            wrong = jnp.zeros((a.shape[0] + 1,), a.dtype)
+            bad(
+                "integer labels of the wrong shape",
+                ValueError,
+                param,
+                str(wrong.shape),
+                at=i,
+                value=wrong,
+            )
+            continue
+        order = ("input", "second input", "later input")[min(i, 2)]
+        if k != "binary":  # sigmoid labels may be integers or booleans (cast)
+            bad(
+                f"{order} not floating point",
+                TypeError,
+                param,
+                "int32",
+                at=i,
+                value=a.astype(jnp.int32),
+            )
+        if i > 0:
+            wrong = _wrong_shape(k, a)
+            bad(
+                f"{order} of another shape",
+                ValueError,
+                param,
+                str(wrong.shape),
+                at=i,
+                value=wrong,
+            )
+    c = BAD_SHAPE[-1]
+    batch = arrays[0].shape[:-1]
+    # Array options.
+    if "weights" in params:
+        bad(
             "weights of the wrong shape",
-            name,
-            lambda: INT_CE(X, LABELS_INT, weights=jnp.ones(4)),
             ValueError,
             "weights",
-            "(4,)",
-        ),
-        (
+            f"({c + 1},)",
+            weights=jnp.ones(c + 1),
+        )
+        bad(
             "weights not floating point",
-            name,
-            lambda: INT_CE(X, LABELS_INT, weights=jnp.ones(3, jnp.int32)),
             TypeError,
             "weights",
             "int32",
-        ),
-        (
-            "ignore_index not an integer",
-            name,
-            lambda: INT_CE(X, LABELS_INT, ignore_index="a"),
-            TypeError,
-            "ignore_index",
-            "'a'",
-        ),
-        (
-            "ignore_index not an integer",
-            name,
-            lambda: INT_CE(X, LABELS_INT, ignore_index=1.5),
-            TypeError,
-            "ignore_index",
-            "1.5",
-        ),
-        (
-            "ignore_index traced",
-            name,
-            lambda: jax.jit(lambda i: INT_CE(X, LABELS_INT, ignore_index=i))(1),
-            TypeError,
-            "ignore_index",
-            "Tracer",
-        ),
-        (
+            weights=jnp.ones(c, jnp.int32),
+        )
+    if "pos_weight" in params:
+        bad(
             "pos_weight not broadcastable",
-            "sigmoid_binary_cross_entropy",
-            lambda: jaxent.sigmoid_binary_cross_entropy(X, X, pos_weight=jnp.ones(2)),
             ValueError,
             "pos_weight",
-            "(2,)",
-        ),
-        (
+            f"({c + 1},)",
+            pos_weight=jnp.ones(c + 1),
+        )
+        bad(
             "pos_weight not floating point",
-            "sigmoid_binary_cross_entropy",
-            lambda: jaxent.sigmoid_binary_cross_entropy(
-                X, X, pos_weight=jnp.ones(3, int)
-            ),
             TypeError,
             "pos_weight",
-            "int",
-        ),
-    ]
-    lin = "linear_softmax_cross_entropy"
-    h, w = jnp.ones((2, 3)), jnp.ones((3, 4))
-    rows += [
-        (
-            "input not floating point",
-            lin,
-            lambda: LINEAR_CE(INT3, w, LABELS_INT),
-            TypeError,
-            "hidden",
             "int32",
-        ),
-        (
-            "second input not floating point",
-            lin,
-            lambda: LINEAR_CE(h, w.astype(jnp.int32), LABELS_INT),
-            TypeError,
-            "weight",
-            "int32",
-        ),
-        (
-            "integer labels not integers",
-            lin,
-            lambda: LINEAR_CE(h, w, jnp.ones(2)),
-            TypeError,
-            "labels",
-            "float",
-        ),
-        (
-            "integer labels of the wrong shape",
-            lin,
-            lambda: LINEAR_CE(h, w, jnp.zeros(3, int)),
-            ValueError,
-            "labels",
-            "(3,)",
-        ),
-        (
-            "second input of another shape",
-            lin,
-            lambda: LINEAR_CE(h, jnp.ones((4, 4)), LABELS_INT),
-            ValueError,
-            "hidden",
-            "(2, 3)",
-        ),
-        (
-            "bias of the wrong shape",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, bias=jnp.ones(3)),
-            ValueError,
-            "bias",
-            "(3,)",
-        ),
-        (
-            "block_size not positive",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, block_size=0),
-            ValueError,
-            "block_size",
-            "0",
-        ),
-        (
-            "block_size not positive",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, block_size=2.5),
-            ValueError,
-            "block_size",
-            "2.5",
-        ),
-        (
-            "where not boolean",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, where=jnp.ones(2)),
-            TypeError,
-            "where",
-            "float",
-        ),
-        (
+            pos_weight=jnp.ones(c, jnp.int32),
+        )
+    for option in ("bias", "teacher_bias"):
+        if option in params:
+            bad(
+                "bias of the wrong shape",
+                ValueError,
+                option,
+                f"({c + 1},)",
+                **{option: jnp.ones(c + 1)},
+            )
+            bad(
+                "bias not floating point",
+                TypeError,
+                option,
+                "int32",
+                **{option: jnp.ones(c, jnp.int32)},
+            )
+    if "where" in params:
+        rows_only = REGISTRY[name].where == "rows"
+        mask_shape = batch if rows_only else BAD_SHAPE
+        bad(
+            "where not boolean", TypeError, "where", "float", where=jnp.ones(mask_shape)
+        )
+        wrong = (batch[0] + 1,) if rows_only else (c + 1,)
+        bad(
             "where of a shape that does not broadcast",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, where=jnp.ones(3, bool)),
             ValueError,
             "where",
-            "(3,)",
-        ),
-        (
-            "ignore_index not an integer",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, ignore_index="a"),
-            TypeError,
-            "ignore_index",
-            "'a'",
-        ),
-        (
-            "ignore_index not an integer",
-            lin,
-            lambda: LINEAR_CE(h, w, LABELS_INT, ignore_index=1.5),
-            TypeError,
-            "ignore_index",
-            "1.5",
-        ),
-    ]
-    for fn in (
-        "softmax_cross_entropy",
-        "softmax_cross_entropy_with_integer_labels",
-        lin,
-    ):
-        call = REDUCING[fn]
-        for v in (1.5, -0.1, float("nan")):
+            str(wrong),
+            where=jnp.ones(wrong, bool),
+        )
+    # Static options.
+    for option, cases in BAD_OPTIONS.items():
+        if option in params:
+            for kind, v, error, shown in cases:
+                bad(kind, error, option, shown, **{option: v})
+    for option, cases in BAD_NUMBERS.items():
+        if option in params:
+            for kind, v in cases:
+                bad(kind, ValueError, option, repr(v), **{option: v})
+    for option, p in params.items():
+        if p.annotation in STATIC_NUMBER:
+            if p.annotation == "float":
+                bad(
+                    f"{option} not a number",
+                    TypeError,
+                    option,
+                    "None",
+                    **{option: None},
+                )
             rows.append(
                 (
-                    "label_smoothing outside [0, 1]",
-                    fn,
-                    lambda c=call, v=v: c(label_smoothing=v),
-                    ValueError,
-                    "label_smoothing",
-                    repr(v),
+                    f"{option} traced",
+                    name,
+                    _traced(name, arrays, option),
+                    TypeError,
+                    option,
+                    "Tracer",
                 )
             )
+    if "ignore_index" in params:
         rows.append(
             (
-                "z_loss negative",
-                fn,
-                lambda c=call: c(z_loss=-1.0),
-                ValueError,
-                "z_loss",
-                "-1.0",
-            )
-        )
-        rows.append(
-            (
-                "label_smoothing not a number",
-                fn,
-                lambda c=call: c(label_smoothing=None),
+                "ignore_index traced",
+                name,
+                _traced(name, arrays, "ignore_index", 1),
                 TypeError,
-                "label_smoothing",
-                "None",
+                "ignore_index",
+                "Tracer",
             )
         )
-    rows.append(
-        (
-            "label_smoothing traced",
-            name,
-            _traced_option("label_smoothing"),
-            TypeError,
-            "label_smoothing",
-            "Tracer",
-        )
-    )
-    rows.append(
-        ("z_loss traced", name, _traced_option("z_loss"), TypeError, "z_loss", "Tracer")
-    )
-    for fn, call in REDUCING.items():
-        rows.append(
-            (
-                "reduction unknown",
-                fn,
-                lambda c=call: c(reduction="avg"),
-                ValueError,
-                "reduction",
-                "'avg'",
-            )
-        )
-    for fn, call in AXIS_FUNCTIONS.items():
-        rows.append(
-            ("axis out of range", fn, lambda c=call: c(axis=2), ValueError, "axis", "2")
-        )
-        rows.append(
-            (
-                "axis out of range",
-                fn,
-                lambda c=call: c(axis=-3),
-                ValueError,
-                "axis",
-                "-3",
-            )
-        )
-        rows.append(
-            (
-                "axis not an integer",
-                fn,
-                lambda c=call: c(axis="a"),
-                TypeError,
-                "axis",
-                "'a'",
-            )
-        )
-        rows.append(
-            (
-                "axis not an integer",
-                fn,
-                lambda c=call: c(axis=1.5),
-                TypeError,
-                "axis",
-                "1.5",
-            )
-        )
-        rows.append(
-            (
-                "axis repeated",
-                fn,
-                lambda c=call: c(axis=(1, -1)),
-                ValueError,
-                "axis",
-                "(1, -1)",
-            )
-        )
-    for fn in WHERE_CAPABLE:
-        call = AXIS_FUNCTIONS[fn]
-        rows.append(
-            (
-                "where not boolean",
-                fn,
-                lambda c=call: c(where=jnp.ones((2, 3))),
-                TypeError,
-                "where",
-                "float",
-            )
-        )
-        rows.append(
-            (
-                "where of a shape that does not broadcast",
-                fn,
-                lambda c=call: c(where=jnp.ones(4, bool)),
-                ValueError,
-                "where",
-                "(4,)",
-            )
-        )
-    for fn in ("entropy", "cross_entropy", "softmax_entropy"):
-        call = AXIS_FUNCTIONS[fn]
-        for v in (1.0, 0.0, -2.0):
-            rows.append(
-                (
-                    "base not a valid logarithm base",
-                    fn,
-                    lambda c=call, v=v: c(base=v),
-                    ValueError,
-                    "base",
-                    repr(v),
-                )
-            )
     return rows
 
 
+def _bad_input_options(name):
+    """The options of ``name`` that _bad_inputs_of gives a bad value."""
+    params = REGISTRY[name].parameters
+    covered = {*ARRAY_OPTIONS, "where", *BAD_OPTIONS, *BAD_NUMBERS, *NO_BAD_INPUT}
+    static = {k for k, p in params.items() if p.annotation in STATIC_NUMBER}
+    return covered | static
+
+
+def test_every_option_has_a_bad_input():
+    for name in _names():
+        options = set(REGISTRY[name].parameters) - set(_positional(name))
+        missing = options - _bad_input_options(name)
+        assert not missing, f"{name}: no bad value for {missing}; add one above"
+
+
+def _traced(name, arrays, option, value=0.5):
+    """Calls ``name`` with ``option`` traced under jit."""
+    public = REGISTRY[name].public
+    return lambda: jax.jit(lambda v: public(*arrays, **{option: v}))(value)
+
+
+def _bad_inputs():
+    return [row for name in _names() for row in _bad_inputs_of(name)]
+
+
 BAD_INPUTS = _bad_inputs()
-# Messages that do not name the argument: bugs 3 and 4 in notes/bugs_issue3.md.
-BAD_MESSAGES: dict = {}
 
 
 @pytest.mark.parametrize(
     ("kind", "function", "call", "error", "argument", "received"),
-    BAD_INPUTS,
-    ids=[f"{k}-{f}-{r}" for k, f, _, _, _, r in BAD_INPUTS],
+    [
+        _param("bad input", f"{k}-{f}-{a}-{r}", k, f, c, e, a, r)
+        for k, f, c, e, a, r in BAD_INPUTS
+    ],
 )
 def test_bad_input_raises_at_trace_time(
-    kind, function, call, error, argument, received, request
+    kind, function, call, error, argument, received
 ):
     """Raised while tracing (``jax.eval_shape`` runs nothing), of the right type,
     naming the argument and showing the value received."""
-    bug = BAD_MESSAGES.get((kind, received))
-    if bug:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason=f"bug {bug} in notes/bugs_issue3.md")
-        )
     with pytest.raises(Exception) as info:
         jax.eval_shape(call)
     record(
