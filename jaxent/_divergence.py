@@ -37,6 +37,10 @@ from ._softmax import (
     shifted,
 )
 
+# Below exp's underflow in every float dtype (float64: ~-746): a log-probability
+# floored here is exact wherever its probability is nonzero.
+_FLOOR = -1e4
+
 
 def _masked(mask, *grads):
     """Gradients set to exactly 0 at excluded entries, whatever they hold."""
@@ -523,10 +527,12 @@ def _softmax_entropy_fwd(x, mask, axes, axis_name, temperature):
     xf = tempered(upcast(x, mask), temperature)
     m, ls = normalizer(xf, axes, axis_name)
     xs = shifted(xf, m)
-    # xs <= 0 (-inf where excluded) and p > 0 only where xs is finite, so
-    # flooring xs at the lowest float only turns 0 * -inf into 0: mul0 without
-    # a select, which lets the sum fuse into one pass over the logits.
-    px = jnp.exp(xs - ls) * jnp.maximum(xs, jnp.finfo(xs.dtype).min)
+    # xs <= 0 (-inf where excluded) and p = exp(xs - ls) > 0 only where xs is
+    # above exp's underflow (~-746), so flooring xs at -1e4 only turns 0 * -inf
+    # into 0: mul0 without a select, which lets the sum fuse into one pass. A
+    # floor at the lowest float would overflow second-order cotangents (inf *
+    # p = NaN where p is 0).
+    px = jnp.exp(xs - ls) * jnp.maximum(xs, _FLOOR)
     h = ls - class_sum(px, axes, axis_name)
     return jnp.squeeze(h, axes), (x, mask, m, ls, h)
 
@@ -640,9 +646,8 @@ def _softmax_kl_fwd(x, t, mask, axes, axis_name, temperature):
     lp = shifted(xf, mx) - lsx
     q = jnp.exp(lq)
     # Select-free, so that the sum fuses into one pass: q > 0 only where lq is
-    # finite, so flooring lq at the lowest float only turns 0 * -inf into 0.
-    lo = jnp.finfo(lq.dtype).min
-    terms = q * jnp.maximum(lq, lo) - mul0_nonpos(q, lp)
+    # above _FLOOR, so the floor only turns 0 * -inf into 0.
+    terms = q * jnp.maximum(lq, _FLOOR) - mul0_nonpos(q, lp)
     kl = class_sum(terms, axes, axis_name)
     # sum(q): 1 on a row with an admissible class (st >= 1), 0 on an empty one.
     mass = jnp.minimum(st, 1.0)
