@@ -16,6 +16,9 @@ import jaxent
 from jaxent import reference
 from tests.helpers import assert_close, logits, tolerance
 
+# Deep tests of one family; tests/test_registry.py covers it in the quick subset.
+pytestmark = pytest.mark.slow
+
 JSD = jaxent.softmax_generalized_jsd
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 TEMPERATURES = (0.5, 1.0, 2.5)

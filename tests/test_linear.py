@@ -27,6 +27,9 @@ from jaxent._numerics import compute_dtype
 from tests import helpers
 from tests.helpers import int_labels, logits
 
+# Deep tests of one family; tests/test_registry.py covers it in the quick subset.
+pytestmark = pytest.mark.slow
+
 IMPLEMENTATION = os.environ.get("JAXENT_TEST_LINEAR_IMPLEMENTATION") or None
 PALLAS = IMPLEMENTATION == "pallas"
 DTYPE = "float32" if PALLAS else "float64"

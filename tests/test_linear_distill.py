@@ -23,6 +23,9 @@ from jaxent import reference
 from tests.helpers import assert_close
 from tests.oracle import ref_linear_softmax_distillation
 
+# Deep tests of one family; tests/test_registry.py covers it in the quick subset.
+pytestmark = pytest.mark.slow
+
 FUSED = jaxent.linear_softmax_distillation
 IGNORE = -100
 # 2 x 5 tokens, student D = 3, teacher D' = 5, V = 24.

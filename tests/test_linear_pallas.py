@@ -27,6 +27,9 @@ from jaxent import _linear, _pallas_linear, reference
 from jaxent._linear import linear_softmax_cross_entropy as lce
 from tests.helpers import assert_close, int_labels, logits
 
+# Deep tests of one family; tests/test_registry.py covers it in the quick subset.
+pytestmark = pytest.mark.slow
+
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # The kernels are compiled on CUDA and interpreted elsewhere.
 INTERPRETED = jax.default_backend() != "gpu"

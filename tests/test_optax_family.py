@@ -29,6 +29,9 @@ from jaxent._define import REGISTRY
 from tests.helpers import assert_close
 from tests.oracle import ORACLES
 
+# Deep tests of one family; tests/test_registry.py covers it in the quick subset.
+pytestmark = pytest.mark.slow
+
 INF = np.inf
 POLY = "poly_loss_cross_entropy"
 SAFE = "safe_softmax_cross_entropy"
