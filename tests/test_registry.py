@@ -341,3 +341,40 @@ def test_hessian_vector_products_match_reference(name, option):
     for custom, plain in zip(*hvps, strict=True):
         assert np.isfinite(np.asarray(custom)).all()
         assert_close(custom, plain, kind="grad", scale=1e3)
+
+
+def _wide_cases():
+    for name in _names():
+        d = REGISTRY[name]
+        if d.inputs[0] == "logits" and "binary" not in d.inputs:
+            yield name
+
+
+@pytest.mark.parametrize("name", list(_wide_cases()))
+def test_half_precision_is_computed_in_float32(name):
+    """float16 inputs over 70,000 equal classes: the row's sum-exp (70,000)
+    overflows float16 (max 65,504), so only a computation in float32 gives the
+    float64 oracle's value on the same inputs."""
+    c = 70_000
+    rng = np.random.default_rng(3)
+    d = REGISTRY[name]
+    rows = {}
+    for n, kind in zip(_param_names(name), d.inputs, strict=True):
+        if kind == "logits":
+            rows[n] = np.zeros((1, 1, c))
+        elif kind == "class_ids":
+            rows[n] = np.array([[7]])
+        else:
+            p = rng.uniform(0.5, 1.0, size=(1, 1, c))
+            p = (p / p.sum()).astype(np.float16).astype(np.float64)
+            rows[n] = np.log(p) if kind == "log_probs" else p
+    native = [
+        jnp.asarray(rows[n][0], jnp.int32 if k == "class_ids" else jnp.float16)
+        for n, k in zip(_param_names(name), d.inputs, strict=True)
+    ]
+    value = d.public(*native)
+    assert value.dtype == jnp.float16
+    out_shape = value.shape
+    g = np.ones((1, *out_shape))
+    expected = np.asarray(ORACLES[name](np, rows, {"reduction": "none"}, g)[0])[0]
+    assert_close(value, expected.reshape(out_shape), dtype="float16")
