@@ -38,7 +38,7 @@ from ._args import (
 from ._define import Rule, loss
 from ._distill import _JSDOpts, _log_ratios, _softmax_jsd_plain
 from ._divergence import _softmax_kl_plain
-from ._numerics import compute_dtype, mul0, mul0_nonpos, tempered
+from ._numerics import compute_dtype, mul0, tempered
 from ._reduction import reduce_loss
 from ._sharding import is_sharded, vary, vma
 from ._softmax import plain_normalizer, plain_sum
@@ -381,32 +381,41 @@ def _acc(h, th) -> jnp.dtype:
 def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts):
     acc = _acc(h, th)
     y_local = y - col_offset(axis_name, w.shape[1])
-    # Pass 1: each model's online max / sum-exp (and the target logit).
-    ms, ss, mt, st, m1, s1, ty = per_platform_tile(
+    # Pass 1: each model's online max / sum-exp, the target logit and, for
+    # the KL ends, the KL's running sum.
+    ms, ss, mt, st, m1, s1, ty, ka = per_platform_tile(
         functools.partial(_normalizers, opts=opts), h, w, b, th, tw, tb, y_local
     )
     stats = _Stats(*[None] * 8)
     loss = jnp.zeros(y.shape, acc)
     if opts.soft:
+        if ka is not None:
+            ka = _combine_kl_sum(mt if opts.beta == 0.0 else ms, ka, axis_name)
         ms, ss = combine_max_sumexp(ms, ss, axis_name)
         mt, st = combine_max_sumexp(mt, st, axis_name)
         mass = (st > 0).astype(acc) if opts.beta == 0.0 else None
         ms, ls = log_normalizer(ms, ss)
         mt, lt = log_normalizer(mt, st)
         stats = stats._replace(ms=ms, ls=ls, mt=mt, lt=lt, mass=mass)
-        # Pass 2: the divergence sums, the normalizers known.
-        sums = per_platform_tile(
-            functools.partial(_divergence_sums, opts=opts), h, w, b, th, tw, tb, stats
-        )
-        if axis_name is not None:
-            sums = lax.psum(sums, axis_name)
-        if 0.0 < opts.beta < 1.0:
-            klq, klp = sums
-            loss = opts.soft * (opts.beta * klp + (1 - opts.beta) * klq)
+        if ka is not None:
+            # KL(f || e) = sum_k f_k (lf_k - le_k) = ka / s_f - (m_f - m_e) -
+            # (ls_f - ls_e), f the teacher at beta = 0, the student at 1; 0
+            # where f has no admissible class.
+            teacher, student = (mt, lt, st), (ms, ls, ss)
+            f, e = (teacher, student) if opts.beta == 0.0 else (student, teacher)
+            some = f[2] > 0
+            kl = (ka / jnp.where(some, f[2], 1.0) - (f[0] - e[0])) - (f[1] - e[1])
+            kl = jnp.where(some, kl, 0.0)
+            loss = opts.soft * kl
         else:
-            klq = sums[0]
-            loss = opts.soft * klq
-        stats = stats._replace(kl=klq)
+            # Pass 2: the divergence sums, the normalizers known.
+            sums = functools.partial(_divergence_sums, opts=opts)
+            klq, klp = per_platform_tile(sums, h, w, b, th, tw, tb, stats)
+            if axis_name is not None:
+                klq, klp = lax.psum((klq, klp), axis_name)
+            kl = klq
+            loss = opts.soft * (opts.beta * klp + (1 - opts.beta) * klq)
+        stats = stats._replace(kl=kl)
     if opts.hard:
         if opts.shared:
             m1, l1 = stats.ms, stats.ls
@@ -418,6 +427,16 @@ def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts
         loss = loss + opts.hard * ((m1 - ty) + l1)
     loss = jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
     return loss, (h, w, b, th, tw, tb, y, counted, in_range, stats)
+
+
+def _combine_kl_sum(m, ka, axis_name):
+    """The KL's running sum of each shard (relative to the shard's max ``m``
+    of the side it weighs) summed across ``axis_name`` at the global max."""
+    if axis_name is None:
+        return ka
+    m_all = lax.pmax(m, axis_name)
+    scale = jnp.exp(m - jnp.where(m_all == -jnp.inf, 0.0, m_all))
+    return lax.psum(jnp.where(scale == 0, 0.0, ka * scale), axis_name)
 
 
 def _fused_bwd(axis_name, opts: _Opts, res, g):
@@ -477,8 +496,9 @@ def _varying(arrays, *refs):
 def _normalizers(h, w, b, th, tw, tb, y, *, opts: _Opts, tile: int):
     """Pass 1: per-token running ``(max, sum-exp)`` of the student at ``T``, of
     the teacher at ``T`` and of the student at 1 (each None when not needed),
-    and the target logit (None without the hard term), over this shard's
-    columns (``y`` in local ids)."""
+    the target logit (None without the hard term) and, at ``beta`` 0 or 1,
+    the KL divergence's running sum (see :func:`_online_kl_sum`; else None),
+    over this shard's columns (``y`` in local ids)."""
     n, v = h.shape[0], w.shape[1]
     acc = _acc(h, th)
     block_n, block_v = blocks(opts.block_size, n, v, tile)
@@ -487,48 +507,66 @@ def _normalizers(h, w, b, th, tw, tb, y, *, opts: _Opts, tile: int):
     def vocab_block(c0, cw, carry):
         def token_chunk(r0, rn, carry):
             _, _, x, _, t = _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts)
-            ms, ss, mt, st, m1, s1, ty = slice_rows(carry, r0, rn)
+            ms, ss, mt, st, m1, s1, ty, ka = slice_rows(carry, r0, rn)
             if ms is not None:
-                ms, ss, _ = online_max_sumexp(ms, ss, tempered(x, temp))
-                mt, st, _ = online_max_sumexp(mt, st, tempered(t, temp))
+                xs, ts = tempered(x, temp), tempered(t, temp)
+                if ka is not None:
+                    # KL(p || q) at beta = 0 weighs by the teacher, KL(q || p)
+                    # at beta = 1 by the student.
+                    if opts.beta == 0.0:
+                        ka = _online_kl_sum(mt, ka, ts, xs)
+                    else:
+                        ka = _online_kl_sum(ms, ka, xs, ts)
+                ms, ss, _ = online_max_sumexp(ms, ss, xs)
+                mt, st, _ = online_max_sumexp(mt, st, ts)
             if m1 is not None:
                 m1, s1, _ = online_max_sumexp(m1, s1, x)
             if ty is not None:
                 (yb,) = slice_rows((y,), r0, rn)
                 cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
                 ty = ty + jnp.sum(jnp.where(cols == yb[:, None], x, 0.0), 1)
-            return update_rows(carry, (ms, ss, mt, st, m1, s1, ty), r0)
+            return update_rows(carry, (ms, ss, mt, st, m1, s1, ty, ka), r0)
 
         return blocked(n, block_n, token_chunk, carry)
 
     ninf, zeros = jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc)
     soft = bool(opts.soft)
     apart = bool(opts.hard) and not opts.shared
+    ends = soft and opts.beta in (0.0, 1.0)
     init = (
         *((ninf, zeros) * 2 if soft else (None,) * 4),
         *((ninf, zeros) if apart else (None, None)),
         zeros if opts.hard else None,
+        zeros if ends else None,
     )
     return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
 
 
+def _online_kl_sum(m, ka, f, e):
+    """One tile's step of ``ka = sum_k exp(f_k - m) (f_k - e_k)``, with ``m``
+    the running max of ``f`` before this tile (its update is
+    :func:`online_max_sumexp`'s): rescaled to the new max, and with ``0``
+    wherever ``exp(f_k - m)`` is 0 (``0 log 0 = 0``, whatever ``e_k``). At the
+    end, ``ka / sum_k exp(f_k - m)`` is ``sum_k f_k (log f_k - log e_k)`` up to
+    the two normalizers (:func:`_fused_fwd`)."""
+    m_new = jnp.maximum(m, jnp.max(f, axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    scale = jnp.exp(m - shift)
+    ef = jnp.exp(f - shift[:, None])
+    terms = jnp.where(ef == 0, 0.0, ef * (f - e))
+    return jnp.where(scale == 0, 0.0, ka * scale) + jnp.sum(terms, 1)
+
+
 def _divergence_terms(lq, lp, zero, opts: _Opts):
-    """Elementwise terms whose row sums are ``(KL(q || M), KL(p || M))`` for
-    ``0 < beta < 1``, else ``(KL,)`` (``KL(p || q)`` at ``beta = 0``, ``KL(q ||
-    p)`` at 1), with ``0 log 0 = 0`` (as :func:`softmax_generalized_jsd`)."""
-    if 0.0 < opts.beta < 1.0:
-        v, u = _log_ratios(lq, lp, opts.beta, zero)
-        return jnp.exp(lq) * v, jnp.exp(lp) * u
-    # KL(f || e): f the teacher at beta = 0, the student at beta = 1. f > 0
-    # only where lf is finite, so flooring lf only turns 0 * -inf into 0.
-    lf, le = (lp, lq) if opts.beta == 0.0 else (lq, lp)
-    f = jnp.exp(lf)
-    return (f * jnp.maximum(lf, jnp.finfo(lf.dtype).min) - mul0_nonpos(f, le),)
+    """Elementwise terms whose row sums are ``(KL(q || M), KL(p || M))`` (``0 <
+    beta < 1``), with ``0 log 0 = 0`` (as :func:`softmax_generalized_jsd`)."""
+    v, u = _log_ratios(lq, lp, opts.beta, zero)
+    return jnp.exp(lq) * v, jnp.exp(lp) * u
 
 
 def _divergence_sums(h, w, b, th, tw, tb, stats: _Stats, *, opts: _Opts, tile: int):
-    """Pass 2: per-token sums of :func:`_divergence_terms` over this shard's
-    columns."""
+    """Pass 2 (``0 < beta < 1``): per-token sums of :func:`_divergence_terms`
+    over this shard's columns."""
     n, v = h.shape[0], w.shape[1]
     acc = _acc(h, th)
     block_n, block_v = blocks(opts.block_size, n, v, tile)
@@ -546,8 +584,7 @@ def _divergence_sums(h, w, b, th, tw, tb, stats: _Stats, *, opts: _Opts, tile: i
 
         return blocked(n, block_n, token_chunk, carry)
 
-    count = 2 if 0.0 < opts.beta < 1.0 else 1
-    init = (jnp.zeros((n,), acc),) * count
+    init = (jnp.zeros((n,), acc),) * 2
     return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
 
 

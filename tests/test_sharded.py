@@ -352,6 +352,12 @@ VP_CASES = {
         (0, 1, 2),
         dict(ignore_index=IGNORE, hard_weight=0.5, beta=0.3, temperature=2.0),
     ),
+    # The KL ends take one forward pass (a running KL sum merged across shards).
+    "linear_distill_kl": (
+        ("h", "W", "bias", "th", "tW", "tbias", "y"),
+        (0, 1, 2),
+        dict(ignore_index=IGNORE, beta=0.0, temperature=2.0),
+    ),
 }
 
 
@@ -389,7 +395,7 @@ def _vp_loss(case, reduction, axis_name):
             return jaxent.softmax_generalized_jsd(
                 a["x"], a["t"], where=mask, **kw, **red
             )
-        if case == "linear_distill":
+        if case.startswith("linear_distill"):
             return jaxent.linear_softmax_distillation(
                 a["h"],
                 a["W"],
