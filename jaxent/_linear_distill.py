@@ -6,10 +6,12 @@ runs on the streaming engine of :mod:`jaxent._streaming` (the one
 vocabulary block) tiles of both models' logits. The forward makes two passes:
 the first keeps per-token online max / sum-exp statistics of the student (at
 ``T``, and at 1 for the hard-label term) and of the teacher (at ``T``); the
-second, with those normalizers known, sums the divergence per token. The
-backward recomputes each pair of tiles, forms the student's logits gradient
-and feeds it to the two gradient matmuls. :func:`_materialized` is the same loss
-on materialized logits in plain JAX (the reference twin).
+second, with those normalizers known, sums the divergence per token. At the KL
+ends (``beta`` 0 or 1) the first pass also keeps a running KL sum rescaled with
+the online max, and there is no second pass. The backward recomputes each pair
+of tiles, forms the student's logits gradient and feeds it to the two gradient
+matmuls. :func:`_materialized` is the same loss on materialized logits in plain
+JAX (the reference twin).
 """
 
 from __future__ import annotations
@@ -131,13 +133,14 @@ def linear_softmax_distillation(
     It runs on the streaming engine of :func:`linear_softmax_cross_entropy`
     (its XLA path; there are no Pallas kernels for this loss): tiles of tokens
     by classes of both models' logits, two forward passes (per-token online max
-    / log-sum-exp of both models, then the divergence sums), residuals made of
-    the inputs and a few float32 statistics per token, and a backward that
-    recomputes each pair of tiles, forms ``G = d loss / d x`` (for ``0 < beta <
-    1``, ``s ((1 - beta) / T) q (log q - log M - KL(q || M)) + w (softmax(x) -
-    onehot(y))``, times ``1 - tanh^2`` with a softcap) and feeds it to the
-    gradient matmuls, accumulating in float32. No ``[N, V]`` array exists in
-    the forward, the backward or the residuals.
+    / log-sum-exp of both models, then the divergence sums; one pass at
+    ``beta`` 0 or 1, where a running KL sum is rescaled like the sum-exp),
+    residuals made of the inputs and a few float32 statistics per token, and a
+    backward that recomputes each pair of tiles, forms ``G = d loss / d x``
+    (for ``0 < beta < 1``, ``s ((1 - beta) / T) q (log q - log M - KL(q ||
+    M)) + w (softmax(x) - onehot(y))``, times ``1 - tanh^2`` with a softcap)
+    and feeds it to the gradient matmuls, accumulating in float32. No ``[N,
+    V]`` array exists in the forward, the backward or the residuals.
 
     The teacher is frozen: ``teacher_hidden``, ``teacher_weight`` and
     ``teacher_bias`` get zero cotangents, as under ``jax.lax.stop_gradient``
