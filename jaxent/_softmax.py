@@ -33,8 +33,9 @@ def max_sumexp(
     are already -inf and the reductions need no mask (nor a select, which would
     keep XLA:CPU from fusing them). A row with no admissible class (all -inf)
     gets ``m = s = 0``; ``s >= 1`` on every other row (the max term gives 1).
+    An empty class axis is such a row too (``initial``), as in ``jax.nn``.
     """
-    m = jnp.max(x, axis=axes, keepdims=True)
+    m = jnp.max(x, axis=axes, keepdims=True, initial=-jnp.inf)
     if axis_name is not None:
         m = lax.pmax(m, axis_name)
     m = jnp.where(m == -jnp.inf, 0.0, m)
