@@ -151,8 +151,10 @@ class Drawn:
     where_shape: tuple[int, ...] | None = None
     pos_weight_shape: tuple[int, ...] | None = None
     weights: bool = False
-    hidden: int = 0  # linear_softmax_cross_entropy: the hidden size D
+    hidden: int = 0  # the linear heads: the hidden size D
     bias: bool = False
+    teacher_hidden: int = 0  # linear_softmax_distillation: the teacher's D
+    teacher_bias: bool = False
 
 
 def _quantize(a, dtype):
@@ -260,15 +262,20 @@ def make_inputs(d: Drawn, seed: int, k: int):
                 rows["weights"] = native["weights"] = q(
                     np.where(rng.random(w.shape) < 0.1, 0.0, w)
                 )
-        elif name == "linear_softmax_cross_entropy":
-            dh = d.hidden
-            scale = 10 ** rng.uniform(-1, 1, size=(k, 1, 1))
-            rows["hidden"] = q(rng.standard_normal((k, lay.rows, dh)) * scale)
-            rows["weight"] = q(rng.standard_normal((k, dh, lay.classes)) / dh**0.5)
-            native["hidden"] = rows["hidden"].reshape(k, *lay.batch, dh)
-            native["weight"] = rows["weight"]
-            if d.bias:
-                rows["bias"] = native["bias"] = q(rng.standard_normal((k, lay.classes)))
+        elif name in LINEAR:
+            heads = [("", d.hidden, d.bias)]
+            if name == "linear_softmax_distillation":
+                heads.append(("teacher_", d.teacher_hidden, d.teacher_bias))
+            for prefix, dh, bias in heads:
+                scale = 10 ** rng.uniform(-1, 1, size=(k, 1, 1))
+                h = q(rng.standard_normal((k, lay.rows, dh)) * scale)
+                rows[f"{prefix}hidden"] = h
+                native[f"{prefix}hidden"] = h.reshape(k, *lay.batch, dh)
+                w = q(rng.standard_normal((k, dh, lay.classes)) / dh**0.5)
+                rows[f"{prefix}weight"] = native[f"{prefix}weight"] = w
+                if bias:
+                    b = q(rng.standard_normal((k, lay.classes)))
+                    rows[f"{prefix}bias"] = native[f"{prefix}bias"] = b
             labels = rng.integers(0, lay.classes, size=shp[:2])
             ignore = d.opts.get("ignore_index")
             if ignore is not None:
@@ -365,24 +372,39 @@ OPTAX_FAMILY = (
     "generalized_kl_divergence",
 )
 EPSILONS = (2.0, -1.0, 0.5)
+HIDDEN = (1, 3, 16)
+HARD_WEIGHTS = (0.0, 0.0, 0.5, 1.0)
+SOFT_WEIGHTS = (1.0, 1.0, 0.3, 0.0)
+SOFTCAPS = (None, None, 3.0, 30.0)
+LINEAR = ("linear_softmax_cross_entropy", "linear_softmax_distillation")
 GAMMAS = (2.0, 0.0, 0.5, 1.0, 3.0)
 ALPHAS = (None, 0.25, 0.8)
 
 
 @st.composite
-def drawn_linear(draw, dtype):
-    """``hidden [*batch, D] @ weight [D, V] + bias``, with small tiles forced
+def drawn_linear(draw, name, dtype):
+    """``hidden [*batch, D] @ weight [D, V] + bias`` (and the teacher's, with a
+    hidden size of its own, for the distillation head), with small tiles forced
     half of the time so that the ragged-block paths run."""
     v = draw(st.one_of(st.integers(9, 300), st.integers(1, 8)))
     batch = draw(hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=5))
     lay = Layout((*batch, v), (len(batch),), -1)
-    d = Drawn("linear_softmax_cross_entropy", dtype, lay, {})
-    d.hidden = draw(st.sampled_from([1, 3, 16]))
+    d = Drawn(name, dtype, lay, {})
+    d.hidden = draw(st.sampled_from(HIDDEN))
     d.bias = draw(st.booleans())
     if draw(st.booleans()):
         d.where = "batch"
-    d.opts["label_smoothing"] = draw(st.sampled_from(SMOOTHING))
-    d.opts["z_loss"] = draw(st.sampled_from(Z_LOSS))
+    if name == "linear_softmax_cross_entropy":
+        d.opts["label_smoothing"] = draw(st.sampled_from(SMOOTHING))
+        d.opts["z_loss"] = draw(st.sampled_from(Z_LOSS))
+    else:
+        d.teacher_hidden = draw(st.sampled_from(HIDDEN))
+        d.teacher_bias = draw(st.booleans())
+        d.opts["beta"] = draw(st.sampled_from(BETAS))
+        d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
+        d.opts["hard_weight"] = draw(st.sampled_from(HARD_WEIGHTS))
+        d.opts["soft_weight"] = draw(st.sampled_from(SOFT_WEIGHTS))
+        d.opts["softcap"] = draw(st.sampled_from(SOFTCAPS))
     d.opts["ignore_index"] = draw(st.sampled_from([None, -100, 0]))
     d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     d.opts["block_size"] = draw(st.sampled_from([None, 4, (2, 8)]))
@@ -391,8 +413,8 @@ def drawn_linear(draw, dtype):
 
 @st.composite
 def drawn(draw, name, dtype):
-    if name == "linear_softmax_cross_entropy":
-        return draw(drawn_linear(dtype))
+    if name in LINEAR:
+        return draw(drawn_linear(name, dtype))
     no_axis = name in ("sigmoid_binary_cross_entropy", "sigmoid_focal_loss")
     lay = draw(layouts(class_axes=not no_axis))
     if name == "safe_softmax_cross_entropy":  # its class axis is the last one
@@ -473,16 +495,20 @@ POSITIONAL = {
     "softmax_kl_divergence": ("logits", "target_logits"),
     "softmax_generalized_jsd": ("logits", "target_logits"),
     "linear_softmax_cross_entropy": ("hidden", "weight", "labels"),
+    "linear_softmax_distillation": (
+        "hidden",
+        "weight",
+        "teacher_hidden",
+        "teacher_weight",
+        "labels",
+    ),
     "safe_softmax_cross_entropy": ("logits", "labels"),
     "poly_loss_cross_entropy": ("logits", "labels"),
     "sigmoid_focal_loss": ("logits", "labels"),
     "generalized_kl_divergence": ("log_predictions", "targets"),
 }
 FUNCTIONS = tuple(POSITIONAL)
-INTEGER_LABELS = (
-    "softmax_cross_entropy_with_integer_labels",
-    "linear_softmax_cross_entropy",
-)
+INTEGER_LABELS = ("softmax_cross_entropy_with_integer_labels", *LINEAR)
 DIFFERENTIABLE = (
     "logits",
     "labels",
@@ -498,6 +524,9 @@ DIFFERENTIABLE = (
     "hidden",
     "weight",
     "bias",
+    "teacher_hidden",
+    "teacher_weight",
+    "teacher_bias",
 )
 
 
@@ -652,9 +681,9 @@ def run_configuration(d: Drawn, seed: int, k: int):
         expected = ref_grads[key]
         if key == "pos_weight":
             expected = _sum_to(expected, d, d.pos_weight_shape)
-        elif key == "hidden":
+        elif key in ("hidden", "teacher_hidden"):
             grad = grad.reshape(expected.shape)
-        elif key not in ("weights", "weight", "bias"):
+        elif key not in ("weights", "weight", "bias", "teacher_weight", "teacher_bias"):
             grad = d.layout.to_rows(grad)
 
         def naive_grad(key=key):
@@ -870,7 +899,7 @@ def _relations(x, t, p, q, labels, w, keep, shift, u, axis):
     for name in FUNCTIONS:
         if name in (
             "sigmoid_binary_cross_entropy",
-            "linear_softmax_cross_entropy",
+            *LINEAR,
             "safe_softmax_cross_entropy",
             "sigmoid_focal_loss",
         ):
@@ -1012,6 +1041,17 @@ GRAD_OPTIONS = {
         {"bias": True, "label_smoothing": 0.2, "z_loss": 0.01, "block_size": 4},
         {"ignore_index": 1, "where": "batch", "reduction": "mean"},
     ],
+    "linear_softmax_distillation": [
+        {
+            "bias": True,
+            "beta": 0.3,
+            "temperature": 2.0,
+            "hard_weight": 0.5,
+            "softcap": 4.0,
+            "block_size": 4,
+        },
+        {"ignore_index": 1, "where": "batch", "reduction": "mean", "beta": 1.0},
+    ],
 }
 GRAD_CASES = [
     pytest.param(name, opts, id=f"{name}-{i}")
@@ -1057,8 +1097,17 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
             rng.normal(size=(*batch, 4)),
             rng.normal(size=(4, c)) / 2,
         ],
+        "linear_softmax_distillation": [
+            rng.normal(size=(*batch, 4)),
+            rng.normal(size=(4, c)) / 2,
+        ],
     }[name]
     kw = {}
+    if name == "linear_softmax_distillation":
+        # The teacher is frozen (zero cotangents), so it is not among the
+        # differentiated arguments: finite differences would see it.
+        kw["teacher_hidden"] = jnp.asarray(rng.normal(size=(*batch, 3)))
+        kw["teacher_weight"] = jnp.asarray(rng.normal(size=(3, c)) / 2)
     labels = rng.integers(0, c, batch).astype(np.int32)
     if name in INTEGER_LABELS:
         kw["labels"] = labels
@@ -1122,7 +1171,7 @@ def test_gradients_check_and_match_reference(name, opts):
     scalar_ref, _ = _scalar_problem(name, opts, module=reference)
     # Eager, so that primitives compiled for one case serve the next; the fused
     # linear kernel's loops compile far faster as one program.
-    jit = jax.jit if name == "linear_softmax_cross_entropy" else lambda h: h
+    jit = jax.jit if name in LINEAR else lambda h: h
     check_grads(jit(scalar), args, order=2, modes=["rev"])
     argnums = tuple(range(len(args)))
     value, grads = jit(jax.value_and_grad(scalar, argnums))(*args)
