@@ -1,13 +1,26 @@
 """Test configuration: float64 available, strict dtype promotion, hypothesis
-profiles (``--hypothesis-profile=thorough`` for long local runs)."""
+profiles (``--hypothesis-profile=thorough`` for long local runs), a compilation
+cache shared by the test processes, and the order tests are handed out in."""
 
 import os
+from pathlib import Path
 
 import jax
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Compiling dominates the suite's time, and the pytest-xdist workers and the
+# 8-device subprocess compile many of the same programs: a persistent cache
+# lets each program compile once per machine. An empty value turns it off.
+_CACHE = os.environ.get(
+    "JAXENT_TEST_CACHE", str(Path(__file__).resolve().parent.parent / ".jax_cache")
+)
+if _CACHE:
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 _common = dict(
     deadline=None,
@@ -19,3 +32,29 @@ settings.register_profile(
     "thorough", max_examples=2000, **{**_common, "derandomize": False}
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "devices(n): needs n devices; deselected with fewer (test_sharded.py "
+        "runs itself again in an n-device subprocess)",
+    )
+    config.addinivalue_line(
+        "markers", "first: long-running (subprocesses); handed out first"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects tests that need more devices than this process has, and puts
+    the long subprocess tests first so that a parallel run does not end
+    waiting on them."""
+    count = jax.device_count()
+    kept, dropped = [], []
+    for item in items:
+        mark = item.get_closest_marker("devices")
+        (dropped if mark is not None and count < mark.args[0] else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    kept.sort(key=lambda item: item.get_closest_marker("first") is None)
+    items[:] = kept

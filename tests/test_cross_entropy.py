@@ -1,8 +1,6 @@
 """Cross-entropy on logits: parity with optax and PyTorch, gradients against the
 plain-JAX reference, transforms, masks, dtypes and argument errors."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from jax.test_util import check_grads
 
 import jaxent
 from jaxent import reference
-from tests.helpers import assert_close, int_labels, logits, probabilities
+from tests.helpers import assert_close, int_labels, logits, pairwise, probabilities
 
 INT_CE = jaxent.softmax_cross_entropy_with_integer_labels
 SOFT_CE = jaxent.softmax_cross_entropy
@@ -92,27 +90,19 @@ def test_sigmoid_matches_optax():
 
 # -- gradients against jax.grad of the plain reference (float64) --------------
 
-# Every combination of options, each with one of the reductions in turn (the
-# reduction is applied outside the custom rule and tested on its own below).
-INT_OPTIONS = [
-    dict(
-        zip(
-            ("weights", "ignore_index", "label_smoothing", "z_loss", "where"),
-            combo,
-            strict=True,
-        ),
-        reduction=("none", "sum", "mean")[i % 3],
-    )
-    for i, combo in enumerate(
-        itertools.product(
-            [False, True],
-            [None, 2],
-            [0.0, 0.15],
-            [0.0, 1e-2],
-            ["none", "batch", "class"],
-        )
-    )
-]
+# Every pair of option values (reduction included) in at least one case.
+INT_OPTIONS = pairwise(
+    weights=[False, True],
+    ignore_index=[None, 2],
+    label_smoothing=[0.0, 0.15],
+    z_loss=[0.0, 1e-2],
+    where=["none", "batch", "class"],
+    reduction=["none", "sum", "mean"],
+)
+
+
+def _ids(opts: dict) -> str:
+    return "-".join(f"{v}" for v in opts.values())
 
 
 def _int_case(opts, shape=(6, 5)):
@@ -134,9 +124,7 @@ def _int_case(opts, shape=(6, 5)):
     return logits(0, shape), labels, weights, kw
 
 
-@pytest.mark.parametrize(
-    "opts", INT_OPTIONS, ids=lambda o: "-".join(f"{v}" for v in o.values())
-)
+@pytest.mark.parametrize("opts", INT_OPTIONS, ids=_ids)
 def test_integer_labels_grads(opts):
     reduction = opts["reduction"]
     x, labels, weights, kw = _int_case(opts)
@@ -163,11 +151,19 @@ def test_integer_labels_grads(opts):
     check_grads(call(INT_CE), args, order=2, modes=["rev"])
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-@pytest.mark.parametrize("where", ["none", "batch", "class"])
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_soft_labels_grads(label_smoothing, z_loss, where, reduction):
+@pytest.mark.parametrize(
+    "opts",
+    pairwise(
+        label_smoothing=[0.0, 0.2],
+        z_loss=[0.0, 1e-2],
+        where=["none", "batch", "class"],
+        reduction=["none", "sum", "mean"],
+    ),
+    ids=_ids,
+)
+def test_soft_labels_grads(opts):
+    label_smoothing, z_loss = opts["label_smoothing"], opts["z_loss"]
+    where, reduction = opts["where"], opts["reduction"]
     x = logits(0, (4, 6))
     y = probabilities(1, (4, 6)) * jnp.array([1.0, 0.5, 1.0, 2.0])[:, None]
     kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
@@ -237,14 +233,21 @@ def _t(torch, a):
     return torch.from_numpy(np.array(a))
 
 
-@pytest.mark.parametrize("weights", [False, True])
-@pytest.mark.parametrize("ignore_index", [None, 1])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 2, 2)], ids=["NC", "NCHW"])
-def test_integer_labels_match_torch(
-    torch, weights, ignore_index, label_smoothing, reduction, shape
-):
+@pytest.mark.parametrize(
+    "opts",
+    pairwise(
+        weights=[False, True],
+        ignore_index=[None, 1],
+        label_smoothing=[0.0, 0.1, 1.0],
+        reduction=["none", "sum", "mean"],
+        shape=["NC", "NCHW"],
+    ),
+    ids=_ids,
+)
+def test_integer_labels_match_torch(torch, opts):
+    weights, ignore_index = opts["weights"], opts["ignore_index"]
+    label_smoothing, reduction = opts["label_smoothing"], opts["reduction"]
+    shape = {"NC": (7, 5), "NCHW": (3, 5, 2, 2)}[opts["shape"]]
     x = logits(0, shape)
     batch = (shape[0], *shape[2:])
     labels = np.array(int_labels(1, batch, shape[1]))

@@ -56,7 +56,8 @@ def test_grads_match_reference(name, shape, axis):
     assert_close(value, value_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert_close(g, g_ref, kind="grad")
-    check_grads(_scalar(f, axis=axis), args, order=2, modes=["rev"])
+    if len(shape) == 3:  # finite differences once per function, on a middle axis
+        check_grads(_scalar(f, axis=axis), args, order=2, modes=["rev"])
     assert "custom_vjp_call" in str(jax.make_jaxpr(_scalar(f, axis=axis))(*args))
 
 

@@ -103,6 +103,7 @@ def _single_process():
     }
 
 
+@pytest.mark.first
 def test_two_processes_match_one_process(tmp_path):
     deadline = time.monotonic() + TIMEOUT
     procs = _start_workers(tmp_path)

@@ -47,12 +47,13 @@ def test_values_and_grads(f, ref, jnn, shape, axis, masked):
     assert_close(g, g_ref, kind="grad")
     if masked:
         assert np.all(np.asarray(g)[~np.broadcast_to(np.asarray(where), shape)] == 0)
-    check_grads(
-        lambda x: _weighted(f, w)(x, axis=axis, where=where),
-        (x,),
-        order=2,
-        modes=["rev"],
-    )
+    if len(shape) == 4:  # finite differences on the middle-axis layout only
+        check_grads(
+            lambda x: _weighted(f, w)(x, axis=axis, where=where),
+            (x,),
+            order=2,
+            modes=["rev"],
+        )
 
 
 @pytest.mark.parametrize(("f", "ref", "jnn"), FUNCS, ids=IDS)
