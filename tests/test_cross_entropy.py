@@ -124,6 +124,7 @@ def _int_case(opts, shape=(6, 5)):
     return logits(0, shape), labels, weights, kw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", INT_OPTIONS, ids=_ids)
 def test_integer_labels_grads(opts):
     reduction = opts["reduction"]
@@ -151,6 +152,7 @@ def test_integer_labels_grads(opts):
     check_grads(call(INT_CE), args, order=2, modes=["rev"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "opts",
     pairwise(
@@ -181,6 +183,7 @@ def test_soft_labels_grads(opts):
     check_grads(lambda x, y: SOFT_CE(x, y, **kw), (x, y), order=2, modes=["rev"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos_weight", [None, "vector"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_sigmoid_grads(pos_weight, reduction):
@@ -233,6 +236,7 @@ def _t(torch, a):
     return torch.from_numpy(np.array(a))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "opts",
     pairwise(
@@ -306,6 +310,7 @@ def test_sigmoid_matches_torch(torch, pos_weight, reduction):
 # -- transforms ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_transforms_integer_labels():
     x = logits(0, (3, 4, 5))
     labels = int_labels(1, (3, 4), 5)
@@ -352,6 +357,7 @@ def test_transforms_integer_labels():
     assert_close(tangent, jnp.vdot(g_ref, w))
 
 
+@pytest.mark.slow
 def test_segmentation_axis():
     x = logits(0, (2, 5, 3, 4))
     labels = int_labels(1, (2, 3, 4), 5)
@@ -393,6 +399,7 @@ def test_huge_logits_do_not_overflow(dtype, big):
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_dtypes_in_and_out(dtype):
     x = logits(0, (16, 10), dtype=dtype)
@@ -408,6 +415,7 @@ def test_dtypes_in_and_out(dtype):
     assert g.dtype == jnp.dtype(dtype)
 
 
+@pytest.mark.slow
 def test_low_precision_loss_is_reduced_in_float32():
     # 4096 bf16 rows: a bf16 accumulation would be off by far more than one
     # final bf16 rounding of the float32 mean.
@@ -422,6 +430,7 @@ def test_low_precision_loss_is_reduced_in_float32():
     assert abs(float(mean) - float(exact)) <= float(exact) * 2**-8
 
 
+@pytest.mark.slow
 def test_mean_over_nothing_is_zero_with_zero_grad():
     x = logits(0, (3, 4))
     labels = jnp.array([2, 2, 2])
@@ -626,6 +635,7 @@ def test_label_dtypes(dtype):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "opts", INT_OPTIONS[::5], ids=lambda o: "-".join(f"{v}" for v in o.values())
 )

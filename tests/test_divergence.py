@@ -45,6 +45,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize(("shape", "axis"), [((5, 6), -1), ((3, 4, 2), 1), ((7,), 0)])
 def test_grads_match_reference(name, shape, axis):
@@ -178,6 +179,7 @@ def test_softmax_measures_with_masked_vocabulary():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_dtypes(name, dtype):
@@ -193,6 +195,7 @@ def test_dtypes(name, dtype):
     assert all(g.dtype == jnp.dtype(dtype) for g in grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_transforms(name):
     args = CASES[name]((3, 4, 5), -1)

@@ -24,6 +24,7 @@ def _weighted(f, w):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("f", "ref", "jnn"), FUNCS, ids=IDS)
 @pytest.mark.parametrize(
     ("shape", "axis"), [((5, 7), -1), ((3, 4, 2, 2), 1), ((6,), 0)]
@@ -67,6 +68,7 @@ def test_dtypes(f, ref, jnn, dtype):
     assert g.dtype == jnp.dtype(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("f", "ref", "jnn"), FUNCS, ids=IDS)
 def test_transforms(f, ref, jnn):
     x = logits(3, (3, 4, 5))
