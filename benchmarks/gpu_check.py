@@ -136,6 +136,8 @@ def main() -> int:
             xml = out_dir / f"{stem}.xml"
             cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs"]
             cmd += ["-p", "no:cacheprovider", f"--junitxml={xml}", "--durations=10"]
+            # One process on one GPU; the device image has no pytest-xdist.
+            cmd += ["-o", "addopts=-ra"]
             cmd += [path] + (DRY_TESTS if args.dry_run else [])
             result = run(cmd, test_env, args.tests_timeout, out_dir / f"{stem}.log")
             result["summary"] = junit_summary(xml)
