@@ -34,17 +34,6 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "devices(n): needs n devices; deselected with fewer (test_sharded.py "
-        "runs itself again in an n-device subprocess)",
-    )
-    config.addinivalue_line(
-        "markers", "first: long-running (subprocesses); handed out first"
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     """Deselects tests that need more devices than this process has, and puts
     the long subprocess tests first so that a parallel run does not end
