@@ -45,10 +45,13 @@ CASES = {
 }
 
 
+# On a middle class axis: the last-axis and 1-D layouts, every option and
+# reduction are in tests/test_registry.py (against the NumPy oracle) and random
+# layouts in tests/test_properties.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize(("shape", "axis"), [((5, 6), -1), ((3, 4, 2), 1), ((7,), 0)])
-def test_grads_match_reference(name, shape, axis):
+def test_grads_match_reference(name):
+    shape, axis = (3, 4, 2), 1
     args = CASES[name](shape, axis)
     f, ref = getattr(jaxent, name), getattr(reference, name)
     argnums = tuple(range(len(args)))
@@ -57,8 +60,7 @@ def test_grads_match_reference(name, shape, axis):
     assert_close(value, value_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert_close(g, g_ref, kind="grad")
-    if len(shape) == 3:  # finite differences once per function, on a middle axis
-        check_grads(_scalar(f, axis=axis), args, order=2, modes=["rev"])
+    check_grads(_scalar(f, axis=axis), args, order=2, modes=["rev"])
     assert "custom_vjp_call" in str(jax.make_jaxpr(_scalar(f, axis=axis))(*args))
 
 

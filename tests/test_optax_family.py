@@ -3,9 +3,9 @@
 ``generalized_kl_divergence`` (with its alias ``convex_kl_divergence``).
 
 Values against optax (float64) and the NumPy oracle, gradients of the custom
-rules against ``jax.grad`` of :mod:`jaxent.reference` and the oracle's closed
-forms, finite differences to second order, Hessian-vector products, jit/vmap,
-low precision, every reduction, bad inputs and optax-style positional calls.
+rules against the oracle's closed forms, gradients w.r.t. the coefficients,
+jit/vmap, low precision, every reduction, bad inputs and optax-style positional
+calls.
 
 XLA compilation dominates the cost of these small problems, so each test
 evaluates all of its configurations in one jitted program.
@@ -384,48 +384,10 @@ def test_values_and_gradients_match_oracle(name):
                 _check(f"{label} d/d{n}", d, np.reshape(want[n], d.shape), kind="grad")
 
 
-# -- gradients: reference autodiff, finite differences, HVPs ---------------------
-
-GRAD_CASES = {
-    SAFE: ((3, 5), {"reduction": "mean", "label_smoothing": 0.1}),
-    POLY: ((3, 4, 2), {"epsilon": -1.0, "axis": 1, "reduction": "sum"}),
-    FOCAL: ((3, 4), {"gamma": 0.5, "alpha": 0.3, "reduction": "mean"}),
-    GKL: ((3, 4, 2), {"axis": 1, "reduction": "sum"}),
-}
-
-
-def _scalar(fn, kw):
-    def f(a, b):
-        out = fn(a, b, **kw)
-        return jnp.sum(jnp.sin(out) + out)
-
-    return f
-
-
-@pytest.mark.parametrize("name", FAMILY)
-def test_gradients_match_reference_and_finite_differences(name):
-    """The custom rule equals ``jax.grad`` of the reference; finite differences
-    to second order through the rule (reverse mode: its backward is plain JAX)
-    and through the reference in forward and reverse mode; ``jax.jvp`` of the
-    loss itself is refused (a custom_vjp). Forward-over-reverse HVPs of every
-    option against the reference's are in ``tests/test_registry.py``."""
-    shape, kw = GRAD_CASES[name]
-    args = tuple(jnp.asarray(a) for a in _inputs(name, shape, kw.get("axis", -1)))
-    f = _scalar(getattr(jaxent, name), kw)
-    f_ref = _scalar(getattr(reference, name), kw)
-    assert "custom_vjp_call" in str(jax.make_jaxpr(f)(*args))
-    with pytest.raises(TypeError):
-        jax.jvp(f, args, args)
-
-    def run(*args):
-        return [jax.value_and_grad(fn, (0, 1))(*args) for fn in (f, f_ref)]
-
-    (v, grads), (v_ref, grads_ref) = jax.jit(run)(*args)
-    _check("value", v, v_ref)
-    for a, b in zip(grads, grads_ref, strict=True):
-        _check("gradient", a, b, kind="grad")
-    check_grads(jax.jit(f), args, order=2, modes=["rev"])
-    check_grads(jax.jit(f_ref), args, order=1, modes=["fwd", "rev"])
+# Finite differences to second order and jax.grad of the reference, with these
+# functions' options mixed, are in tests/test_properties.py (the gradient
+# check); forward mode of the reference and HVPs of every option are in
+# tests/test_registry.py. The gradients w.r.t. the coefficients are below.
 
 
 def test_jit_and_vmap():

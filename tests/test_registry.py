@@ -343,6 +343,43 @@ def test_hessian_vector_products_match_reference(name, option):
         assert_close(custom, plain, kind="grad", scale=1e3)
 
 
+@pytest.mark.parametrize(("name", "option"), list(_hvp_cases()))
+def test_reference_forward_mode_matches_the_rule(name, option):
+    """``jax.jvp`` of ``jaxent.reference.X`` (the documented forward-mode path)
+    equals the custom rule's VJP contracted with the same tangents; ``jax.jvp``
+    of ``jaxent.X`` itself is refused, as a ``custom_vjp`` must be."""
+    _, kwargs, native = _case(name, option, "mean")
+    diff = _differentiable(name, kwargs)
+    names = _param_names(name)
+
+    def f(fn):
+        def scalar(*vals):
+            args = dict(zip(names, native, strict=True))
+            opts = dict(kwargs)
+            for k, v in zip(diff, vals, strict=True):
+                (args if k in args else opts)[k] = v
+            return jnp.sum(fn(*(args[n] for n in names), **opts))
+
+        return scalar
+
+    primals = [
+        dict(zip(names, native, strict=True))[k] if k in names else kwargs[k]
+        for k in diff
+    ]
+    rng = np.random.default_rng(4)
+    tangents = [jnp.asarray(rng.normal(size=p.shape)) for p in primals]
+    d = REGISTRY[name]
+    value, tangent = jax.jvp(f(d.reference), primals, tangents)
+    custom_value, grads = jax.value_and_grad(f(d.public), tuple(range(len(diff))))(
+        *primals
+    )
+    assert_close(value, custom_value)
+    want = sum(jnp.vdot(g, t) for g, t in zip(grads, tangents, strict=True))
+    assert_close(tangent, want, kind="grad")
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(f(d.public), primals, tangents)
+
+
 def _wide_cases():
     for name in _names():
         d = REGISTRY[name]
