@@ -173,23 +173,23 @@ def _cases():
                 )
 
 
-def _vjp(fn, name, native, kwargs, diff, g):
+def _of_differentiated(fn, name, native, kwargs, diff):
+    """``(f, primals)``: ``fn`` as a function of the inputs named in ``diff``
+    (positional arrays or array options), the others held at their values."""
     names = _param_names(name)
+    given = dict(zip(names, native, strict=True))
 
     def f(*vals):
-        args = dict(zip(names, native, strict=True))
-        opts = dict(kwargs)
+        args, opts = dict(given), dict(kwargs)
         for k, v in zip(diff, vals, strict=True):
-            if k in args:
-                args[k] = v
-            else:
-                opts[k] = v
+            (args if k in args else opts)[k] = v
         return fn(*(args[n] for n in names), **opts)
 
-    primals = [
-        dict(zip(names, native, strict=True))[k] if k in names else kwargs[k]
-        for k in diff
-    ]
+    return f, [given[k] if k in given else kwargs[k] for k in diff]
+
+
+def _vjp(fn, name, native, kwargs, diff, g):
+    f, primals = _of_differentiated(fn, name, native, kwargs, diff)
     out, vjp = jax.vjp(f, *primals)
     return out, dict(zip(diff, vjp(jnp.asarray(g).reshape(out.shape)), strict=True))
 
@@ -315,28 +315,14 @@ def test_hessian_vector_products_match_reference(name, option):
     JAX) equals the reference's, every differentiable input at once."""
     _, kwargs, native = _case(name, option, "mean")
     diff = _differentiable(name, kwargs)
+    d = REGISTRY[name]
+    custom, primals = _of_differentiated(d.public, name, native, kwargs, diff)
+    plain, _ = _of_differentiated(d.reference, name, native, kwargs, diff)
     rng = np.random.default_rng(2)
-
-    def scalar(fn):
-        def f(*vals):
-            names = _param_names(name)
-            args = dict(zip(names, native, strict=True))
-            opts = dict(kwargs)
-            for k, v in zip(diff, vals, strict=True):
-                (args if k in args else opts)[k] = v
-            return jnp.sum(fn(*(args[n] for n in names), **opts) ** 2)
-
-        return f
-
-    names = _param_names(name)
-    primals = [
-        dict(zip(names, native, strict=True))[k] if k in names else kwargs[k]
-        for k in diff
-    ]
     tangents = [jnp.asarray(rng.normal(size=p.shape)) for p in primals]
     hvps = []
-    for fn in (REGISTRY[name].public, REGISTRY[name].reference):
-        grad = jax.grad(scalar(fn), argnums=tuple(range(len(diff))))
+    for f in (custom, plain):
+        grad = jax.grad(lambda *v, f=f: jnp.sum(f(*v) ** 2), tuple(range(len(diff))))
         hvps.append(jax.jvp(grad, primals, tangents)[1])
     for custom, plain in zip(*hvps, strict=True):
         assert np.isfinite(np.asarray(custom)).all()
@@ -350,34 +336,20 @@ def test_reference_forward_mode_matches_the_rule(name, option):
     of ``jaxent.X`` itself is refused, as a ``custom_vjp`` must be."""
     _, kwargs, native = _case(name, option, "mean")
     diff = _differentiable(name, kwargs)
-    names = _param_names(name)
-
-    def f(fn):
-        def scalar(*vals):
-            args = dict(zip(names, native, strict=True))
-            opts = dict(kwargs)
-            for k, v in zip(diff, vals, strict=True):
-                (args if k in args else opts)[k] = v
-            return jnp.sum(fn(*(args[n] for n in names), **opts))
-
-        return scalar
-
-    primals = [
-        dict(zip(names, native, strict=True))[k] if k in names else kwargs[k]
-        for k in diff
-    ]
+    d = REGISTRY[name]
+    plain, primals = _of_differentiated(d.reference, name, native, kwargs, diff)
+    custom, _ = _of_differentiated(d.public, name, native, kwargs, diff)
     rng = np.random.default_rng(4)
     tangents = [jnp.asarray(rng.normal(size=p.shape)) for p in primals]
-    d = REGISTRY[name]
-    value, tangent = jax.jvp(f(d.reference), primals, tangents)
-    custom_value, grads = jax.value_and_grad(f(d.public), tuple(range(len(diff))))(
-        *primals
-    )
+    value, tangent = jax.jvp(lambda *v: jnp.sum(plain(*v)), primals, tangents)
+    custom_value, grads = jax.value_and_grad(
+        lambda *v: jnp.sum(custom(*v)), tuple(range(len(diff)))
+    )(*primals)
     assert_close(value, custom_value)
     want = sum(jnp.vdot(g, t) for g, t in zip(grads, tangents, strict=True))
     assert_close(tangent, want, kind="grad")
     with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(f(d.public), primals, tangents)
+        jax.jvp(custom, primals, tangents)
 
 
 def _wide_cases():
