@@ -309,20 +309,29 @@ def _hvp_cases():
         yield pytest.param(name, None, id=f"{name}-None-mean")
 
 
-@pytest.mark.parametrize(("name", "option"), list(_hvp_cases()))
-def test_hessian_vector_products_match_reference(name, option):
-    """Forward-over-reverse through the custom rules (their backward is plain
-    JAX) equals the reference's, every differentiable input at once."""
+def _twins_and_tangents(name, option, seed):
+    """``(custom, plain, primals, tangents)``: ``jaxent.X`` and its reference
+    twin as functions of every differentiable input (the mean reduction, the
+    ``option`` set), those inputs, and random tangents for them."""
     _, kwargs, native = _case(name, option, "mean")
     diff = _differentiable(name, kwargs)
     d = REGISTRY[name]
     custom, primals = _of_differentiated(d.public, name, native, kwargs, diff)
     plain, _ = _of_differentiated(d.reference, name, native, kwargs, diff)
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     tangents = [jnp.asarray(rng.normal(size=p.shape)) for p in primals]
+    return custom, plain, primals, tangents
+
+
+@pytest.mark.parametrize(("name", "option"), list(_hvp_cases()))
+def test_hessian_vector_products_match_reference(name, option):
+    """Forward-over-reverse through the custom rules (their backward is plain
+    JAX) equals the reference's, every differentiable input at once."""
+    custom, plain, primals, tangents = _twins_and_tangents(name, option, seed=2)
+    diff = range(len(primals))
     hvps = []
     for f in (custom, plain):
-        grad = jax.grad(lambda *v, f=f: jnp.sum(f(*v) ** 2), tuple(range(len(diff))))
+        grad = jax.grad(lambda *v, f=f: jnp.sum(f(*v) ** 2), tuple(diff))
         hvps.append(jax.jvp(grad, primals, tangents)[1])
     for custom, plain in zip(*hvps, strict=True):
         assert np.isfinite(np.asarray(custom)).all()
@@ -334,16 +343,10 @@ def test_reference_forward_mode_matches_the_rule(name, option):
     """``jax.jvp`` of ``jaxent.reference.X`` (the documented forward-mode path)
     equals the custom rule's VJP contracted with the same tangents; ``jax.jvp``
     of ``jaxent.X`` itself is refused, as a ``custom_vjp`` must be."""
-    _, kwargs, native = _case(name, option, "mean")
-    diff = _differentiable(name, kwargs)
-    d = REGISTRY[name]
-    plain, primals = _of_differentiated(d.reference, name, native, kwargs, diff)
-    custom, _ = _of_differentiated(d.public, name, native, kwargs, diff)
-    rng = np.random.default_rng(4)
-    tangents = [jnp.asarray(rng.normal(size=p.shape)) for p in primals]
+    custom, plain, primals, tangents = _twins_and_tangents(name, option, seed=4)
     value, tangent = jax.jvp(lambda *v: jnp.sum(plain(*v)), primals, tangents)
     custom_value, grads = jax.value_and_grad(
-        lambda *v: jnp.sum(custom(*v)), tuple(range(len(diff)))
+        lambda *v: jnp.sum(custom(*v)), tuple(range(len(primals)))
     )(*primals)
     assert_close(value, custom_value)
     want = sum(jnp.vdot(g, t) for g, t in zip(grads, tangents, strict=True))
