@@ -300,12 +300,12 @@ def test_transforms_integer_labels():
             x, y, label_smoothing=0.1, z_loss=1e-3
         )
     )(x, labels)
+    jitted = jax.jit(f)
     assert_close(f(x, labels), expected)
-    assert_close(jax.jit(f)(x, labels), expected)
+    assert_close(jitted(x, labels), expected)
     assert_close(jax.jit(jax.vmap(f))(x, labels), expected)
-    one = jax.jit(f)
     per_example = jnp.stack(
-        [one(x[i, j], labels[i, j]) for i in range(3) for j in range(4)]
+        [jitted(x[i, j], labels[i, j]) for i in range(3) for j in range(4)]
     )
     assert_close(per_example.reshape(3, 4), expected)
     assert_close(jax.jit(jax.checkpoint(f))(x, labels), expected)

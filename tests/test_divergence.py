@@ -205,10 +205,11 @@ def test_transforms(name):
     # Eager once; the transforms compiled (eager, each would compile every
     # primitive again for its shapes).
     expected = f(*args)
-    assert_close(jax.jit(f)(*args), expected)
+    jitted = jax.jit(f)
+    assert_close(jitted(*args), expected)
     assert_close(jax.jit(jax.vmap(f))(*args), expected)
-    one = jax.jit(f)
-    assert_close(jnp.stack([one(*(a[i] for a in args)) for i in range(3)]), expected)
+    loop = jnp.stack([jitted(*(a[i] for a in args)) for i in range(3)])
+    assert_close(loop, expected)
     scan = jax.jit(lambda *a: jax.lax.scan(lambda c, a: (c, f(*a)), 0.0, a)[1])
     assert_close(scan(*args), expected)
     g = jax.jit(jax.grad(_scalar(f)))(*args)
