@@ -19,8 +19,9 @@ GPU (``--gpu``, the default there) compares, side by side in one process and
 interleaved, at the Llama-3-8B head (N=8192, D=4096, V=128256) and the
 Gemma-2-2B head (N=8192, D=2304, V=256000, softcap 30) in bfloat16:
 
-- ``pallas``: ``implementation="pallas"`` (the Triton kernels), and ``pallas
-  bwd=tiles`` with the kernels' other backward (see jaxent/_pallas_linear.py);
+- ``pallas``: ``implementation="pallas"`` (the Triton kernels, G by chunks
+  into XLA's matmuls), and ``pallas bwd=fused`` with the kernels' other
+  backward (see jaxent/_pallas_linear.py);
 - ``xla``: ``implementation="xla"`` (blocked XLA loops);
 - ``optax``: materialized logits, ``optax.softmax_cross_entropy_with_integer_labels
   (h @ W)`` (after the softcap for Gemma);
@@ -277,10 +278,10 @@ def gpu_config(name, n, d, v, softcap, repeats, dtype, pallas_sweep):
     for key, loss in losses.items():
         fns[key], mem[key] = compiled(loss, (h, w, y))
         fns[key] = (fns[key], (h, w, y))
-    # The kernels' other backward: G by vocabulary chunks into XLA's matmuls.
-    tiles = "pallas bwd=tiles"
-    exe, mem[tiles] = compiled(losses["pallas"], (h, w, y), BACKWARD="tiles")
-    fns[tiles] = (exe, (h, w, y))
+    # The kernels' other backward: d hidden and d weight kernels.
+    fused = "pallas bwd=fused"
+    exe, mem[fused] = compiled(losses["pallas"], (h, w, y), BACKWARD="fused")
+    fns[fused] = (exe, (h, w, y))
     matmuls = jax.jit(lambda h, w, g: (h @ w, g @ w.T, h.T @ g))
     exe = matmuls.lower(h, w, g).compile()
     fns["matmuls"] = (exe, (h, w, g))
@@ -291,10 +292,10 @@ def gpu_config(name, n, d, v, softcap, repeats, dtype, pallas_sweep):
             exe, mem[label] = compiled(losses["pallas"], (h, w, y), **params)
             fns[label] = (exe, (h, w, y))
     t, samples = median_times(fns, repeats)
-    outs = {key: fns[key][0](h, w, y) for key in (*losses, "pallas bwd=tiles")}
+    outs = {key: fns[key][0](h, w, y) for key in (*losses, fused)}
     ref_loss, ref_grads = outs["xla"]
     errors = {}
-    for key in ("pallas", "pallas bwd=tiles", "optax"):
+    for key in ("pallas", fused, "optax"):
         loss, grads = outs[key]
         errors[key] = {
             "loss_abs": float(jnp.abs(loss.astype(jnp.float32) - ref_loss)),

@@ -31,11 +31,11 @@ Those two kernels cannot keep their accumulators on chip when ``D`` is large
 (``[block_n, D]`` float32 rows of ``d hidden``, ``[D, block_v]`` columns of ``d
 weight``): they read and write them in memory once per tile, ``N V D (8 /
 block_v + 8 / block_n)`` bytes in all (about 800 GB at the Llama-3-8B head with
-the default tiles, if L2 does not absorb it). ``BACKWARD = "tiles"`` is the
-alternative: :func:`grad_logits` recomputes each tile once and writes ``G`` in
-the input dtype for one vocabulary chunk of all tokens, which XLA's matmuls
-consume (``N V`` entries written and read twice, ~6 GB there; four ``N x V x D``
-matmuls in all). Which is faster is for ``benchmarks/gpu_check.py`` to measure.
+the default tiles, if L2 does not absorb it). ``BACKWARD = "tiles"`` (the
+default, 6.5 x faster on an H200) is the alternative: :func:`grad_logits`
+recomputes each tile once and writes ``G`` in the input dtype for one
+vocabulary chunk of all tokens, which XLA's matmuls consume (``N V`` entries
+written and read twice, ~6 GB there; four ``N x V x D`` matmuls in all).
 
 Shapes need not tile: block sizes are powers of two >= 16 (Triton's dot), and the
 ragged edges of ``N``, ``V`` and ``D`` are handled by masked loads (``other=0``)
@@ -55,9 +55,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Default tiles and launch parameters. They are educated guesses for an
-# H100/H200 (Triton's matmul tutorial sizes), not measurements:
-# benchmarks/gpu_check.py measures them.
+# Default tiles and launch parameters: Triton's matmul tutorial sizes, not tuned
+# (`benchmarks/linear_ce.py --gpu --pallas-sweep` times alternatives).
 BLOCK_N = 64
 BLOCK_V = 128
 BLOCK_D = 64
@@ -77,8 +76,9 @@ DW_CHUNK_ENTRIES = 2**26
 #   N tokens in the input dtype, and XLA's matmuls take G @ W_c^T and H^T @ G
 #   (float32 accumulation) before the next chunk: G_CHUNK_BYTES of G at a time.
 # At D = 4096 the "fused" kernels' read-modify-write of float32 accumulators
-# moves far more memory than G does (see grad_hidden), hence the alternative.
-BACKWARD = "fused"
+# moves far more memory than G does (see grad_hidden): on an H200, fwd + bwd at
+# the Llama-3-8B head took 490 ms "fused" and 75 ms "tiles" (BENCHMARKS.md).
+BACKWARD = "tiles"
 G_CHUNK_BYTES = 2**27
 # Dtypes the kernels take (Triton has no float64 MMA path here).
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
