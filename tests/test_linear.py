@@ -20,7 +20,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxent
-from jaxent import reference
+from jaxent import _pallas_linear, reference
 from jaxent._linear import LinearCrossEntropyAux
 from jaxent._linear import linear_softmax_cross_entropy as _public
 from jaxent._numerics import compute_dtype
@@ -276,10 +276,12 @@ def test_jit_and_vmap():
     PALLAS and jax.default_backend() != "gpu",
     reason="interpreted kernels copy whole arrays at each load",
 )
-def test_no_vocab_sized_buffer_in_compiled_program():
+def test_no_vocab_sized_buffer_in_compiled_program(monkeypatch):
     # Lowering only (nothing allocated): the materialized path needs N x V
-    # logits and their gradient, the fused one a few tiles.
+    # logits and their gradient, the fused one a few tiles (or, with the Pallas
+    # "tiles" backward, a chunk of G: here 1/8 of N x V).
     n, d, v = 1024, 64, 16384
+    monkeypatch.setattr(_pallas_linear, "G_CHUNK_BYTES", n * v * 4 // 8)
     args = (
         jax.ShapeDtypeStruct((n, d), jnp.float32),
         jax.ShapeDtypeStruct((d, v), jnp.float32),
