@@ -372,7 +372,7 @@ PALLAS_SWEEP = [
     {"BLOCK_V": 256},
     {"NUM_WARPS": 8},
     {"NUM_STAGES": 4},
-    {"G_CHUNK_BYTES": 2**26},
+    {"G_CHUNK_BYTES": 2**27},
 ]
 
 

@@ -57,9 +57,9 @@ from ._streaming import softcap as _softcap
 from ._streaming import update_rows as _update_rows
 
 IMPLEMENTATIONS = ("xla", "pallas")
-# What ``implementation=None`` runs when lowered for CUDA: the XLA path, measured
-# faster than both Pallas backwards on an H200 (57 ms against 75 ms and 490 ms at
-# the Llama-3-8B head; BENCHMARKS.md).
+# What ``implementation=None`` runs when lowered for CUDA. The kernels are 5-7%
+# faster on an H200 (BENCHMARKS.md) but use Pallas's Triton backend, which JAX
+# 0.11 deprecates: the XLA path stays the default.
 _CUDA_DEFAULT = "xla"
 
 
@@ -141,8 +141,8 @@ def linear_softmax_cross_entropy(
     * ``"xla"``: blocked loops of XLA ops (tiles of ``block_size``). Any float
       dtype, differentiable twice; on a GPU it runs the extra recomputation
       matmul and writes float32 tiles between the matmuls (H200, N=8192,
-      D=4096, V=128256 bf16: 57.3 ms against 38.8 ms for the three bare
-      matmuls and 38.5 ms for materialized logits, at 7% of their memory).
+      D=4096, V=128256 bf16: 63.4 ms against 33.0 ms for the three bare
+      matmuls and 38.6 ms for materialized logits, at 7% of their memory).
     * ``"pallas"``: hand-written Triton kernels (forward; ``d hidden``; ``d
       weight``, in ``jaxent/_pallas_linear.py``) that keep every logits tile
       on chip. float32, bfloat16 and float16 only. On CUDA they are compiled;
@@ -150,11 +150,12 @@ def linear_softmax_cross_entropy(
       interpret mode, which is slow and meant for tests (and, in JAX 0.10,
       fails inside ``shard_map`` with ``check_vma=True``: the interpreter
       mixes varying and invariant values; the compiled kernels do not).
-      Slower than ``"xla"`` on an H200 (75 ms with ``BACKWARD="tiles"``,
-      490 ms with the fused backward kernels, at the shape above).
+      On an H200, 5-7% faster than ``"xla"`` (60.0 ms at the shape above,
+      the same temp memory); built on Pallas's Triton backend, which JAX 0.11
+      deprecates.
     * ``None``: the fastest correct path for the platform the program is
       lowered for (a lowering-time choice, so ahead-of-time exports get the
-      target's path): ``"xla"`` everywhere, the fastest measured.
+      target's path): ``"xla"`` everywhere (see ``"pallas"`` for why).
 
     Args:
       hidden: floating array ``[..., D]`` (``N`` = product of the leading dims).
@@ -181,9 +182,11 @@ def linear_softmax_cross_entropy(
         It approximates the gradient (the loss is exact): each entry of ``d
         hidden`` moves by at most ``eps * |g_i| * sum_k |w_dk|`` and of ``d
         weight`` by ``eps * sum_i |g_i h_id|``, tiny once the softmax is peaked
-        (a trained model), and the time saved grows with the tiles skipped
-        (the Pallas kernels' tiles are small; the XLA path's default tiles are
-        large and seldom all below ``eps``).
+        (a trained model). The time saved grows with the tiles skipped: the
+        XLA path's default tiles are large and seldom all below ``eps``, the
+        Pallas default backward multiplies the dropped zeros, and only the
+        small tiles of its ``BACKWARD="fused"`` kernels gained on an H200
+        (BENCHMARKS.md).
       reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted
         examples; 0 when none is counted).
       block_size: vocabulary block width ``block_v``, or a pair ``(block_n,

@@ -279,8 +279,9 @@ def test_jit_and_vmap():
 def test_no_vocab_sized_buffer_in_compiled_program(monkeypatch):
     # Lowering only (nothing allocated): the materialized path needs N x V
     # logits and their gradient, the fused one a few tiles (or, with the Pallas
-    # "tiles" backward, a chunk of G: here 1/8 of N x V).
-    n, d, v = 1024, 64, 16384
+    # "tiles" backward, a chunk of G: here 1/8 of N x V). Large enough that a
+    # GPU's fixed matmul workspace (32 MiB on an H200) is not what is measured.
+    n, d, v = 4096, 64, 65536
     monkeypatch.setattr(_pallas_linear, "G_CHUNK_BYTES", n * v * 4 // 8)
     args = (
         jax.ShapeDtypeStruct((n, d), jnp.float32),
