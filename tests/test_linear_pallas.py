@@ -35,35 +35,9 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 INTERPRETED = jax.default_backend() != "gpu"
 
 
-# Interpret-mode programs are loops of small ops: XLA:CPU compiles them ~4x
-# faster without its fusion emitters and expensive LLVM passes (no effect on what
-# is computed).
-def _fast_options():
-    if jax.default_backend() != "cpu":
-        return None
-    options = {
-        "xla_backend_optimization_level": 0,
-        "xla_llvm_disable_expensive_passes": True,
-        "xla_cpu_use_fusion_emitters": False,
-    }
-    try:
-        jax.jit(jnp.negative, compiler_options=options).lower(1.0).compile()
-    except jax.errors.JaxRuntimeError:
-        # Newer XLA:CPU has no legacy emitters to switch to.
-        del options["xla_cpu_use_fusion_emitters"]
-    return options
-
-
-FAST = _fast_options()
-
-
 # Kernels in the gradient of a one-chunk problem: the forward, then G
 # ("tiles") or d hidden and d weight ("fused").
 _KERNELS = {"tiles": 2, "fused": 3}[_pallas_linear.BACKWARD]
-
-
-def _jit(f):
-    return jax.jit(f, compiler_options=FAST)
 
 
 def _problem(seed, n, d, v, dtype):
@@ -91,7 +65,7 @@ def _run(impl, h, w, b, y, cot, **kw):
         return jnp.sum(loss.astype(jnp.float64) * cot), (loss, aux)
 
     grad = jax.value_and_grad(scalar, (0, 1, 2), has_aux=True)
-    (_, (loss, aux)), grads = _jit(grad)(h, w, b)
+    (_, (loss, aux)), grads = jax.jit(grad)(h, w, b)
     return loss, aux, grads
 
 
@@ -211,7 +185,7 @@ def test_vocab_parallel_under_vmap_with_axis_name():
         return jax.value_and_grad(scalar, (0, 1, 2), has_aux=True)(h, w, b)
 
     mapped = jax.vmap(per_shard, in_axes=(None, 0, 0), axis_name="v")
-    (_, (loss, aux)), (dh, dws, dbs) = _jit(mapped)(h, ws, bs)
+    (_, (loss, aux)), (dh, dws, dbs) = jax.jit(mapped)(h, ws, bs)
     _, want_aux, want = _run("reference", h, w, b, y, cot, **kw)
     full_loss = _run("reference", h, w, b, y, cot, **kw)[0]
     for k in range(shards):
@@ -252,9 +226,9 @@ def test_shard_map_vmap_and_checkpoint():
         return _plain(h, w, y, bias=b, **plain)
 
     h64, w64, b64 = (a.astype(jnp.float64) for a in (h, w, b))
-    want = _jit(jax.value_and_grad(twin, (0, 1, 2)))(h64, w64, b64)
+    want = jax.jit(jax.value_and_grad(twin, (0, 1, 2)))(h64, w64, b64)
     for f in (sharded, batched):
-        val, grads = _jit(jax.value_and_grad(f, (0, 1, 2)))(h, w, b)
+        val, grads = jax.jit(jax.value_and_grad(f, (0, 1, 2)))(h, w, b)
         assert_close(val, want[0])
         for g, e in zip(grads, want[1], strict=True):
             assert_close(g, e, kind="grad")
@@ -278,7 +252,7 @@ def test_second_order_goes_through_the_xla_loops():
         def g(h, w):
             return sum(jnp.sum(d**2) for d in jax.grad(f, (0, 1))(h, w))
 
-        return _jit(jax.grad(g, (0, 1)))(h, w)
+        return jax.jit(jax.grad(g, (0, 1)))(h, w)
 
     for got, want in zip(sq_grad("pallas"), sq_grad("xla"), strict=True):
         assert_close(got, want, kind="grad")
@@ -373,8 +347,8 @@ def test_default_choice_is_made_at_lowering(monkeypatch):
     def xla(h, w, b):
         return lce(h, w, y, bias=b, reduction="sum", implementation="xla")
 
-    got = _jit(jax.grad(loss, (0, 1, 2)))(h, w, b)
-    want = _jit(jax.grad(xla, (0, 1, 2)))(h, w, b)
+    got = jax.jit(jax.grad(loss, (0, 1, 2)))(h, w, b)
+    want = jax.jit(jax.grad(xla, (0, 1, 2)))(h, w, b)
     for g, e in zip(got, want, strict=True):
         assert_close(g, e, kind="grad")
     # float64 (which the kernels do not take) falls back to the XLA loops.
@@ -390,8 +364,8 @@ def test_empty_batch():
     def f(h, w, b):
         return lce(h, w, y, bias=b, implementation="pallas", reduction="mean")
 
-    assert float(_jit(f)(h, w, b)) == 0
-    grads = _jit(jax.grad(f, (0, 1, 2)))(h, w, b)
+    assert float(jax.jit(f)(h, w, b)) == 0
+    grads = jax.jit(jax.grad(f, (0, 1, 2)))(h, w, b)
     assert grads[0].shape == (0, 8)
     assert not bool(jnp.any(grads[1])) and not bool(jnp.any(grads[2]))
 
