@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxent
 from tests.helpers import (
+    FAST_XLA_FLAGS,
     assert_close,
     int_labels,
     logits,
@@ -63,6 +64,7 @@ def test_in_8_device_subprocess():
         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}",
         "JAX_PLATFORMS": "cpu",
         _CHILD: "1",
+        "JAXENT_TEST_FAST_COMPILE": "0",
     }
     # One process: the parent's other workers are busy meanwhile.
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-n", "0"]
@@ -79,6 +81,12 @@ def test_in_8_device_subprocess():
     assert proc.returncode == 0, output
     assert " passed" in output, output
     assert " deselected" not in output, output
+
+
+@multi_device
+def test_subprocess_compiles_with_xla_defaults():
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    assert FAST_XLA_FLAGS and not set(FAST_XLA_FLAGS) & set(flags), flags
 
 
 def _mesh(kind):
