@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Default tiles and launch parameters: the best of `benchmarks/linear_ce.py
-# --gpu --pallas-sweep` on an H200 at the Llama-3-8B head (58 ms; 76 ms with
+# --gpu --pallas-sweep` on an H200 at the Llama-3-8B head (59 ms; 73 ms with
 # Triton's tutorial tiles, BLOCK_N = 64). Read when a program is traced.
 BLOCK_N = 128
 BLOCK_V = 128

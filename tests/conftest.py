@@ -10,17 +10,6 @@ from hypothesis import HealthCheck, settings
 
 from tests.helpers import FAST_XLA_FLAGS
 
-# Compiling is ~80% of the suite's time, most of it XLA:CPU's code generation
-# for thousands of small programs: FAST_XLA_FLAGS halve it (full suite 9 min
-# 45 s -> about 6 min on 2 cores). XLA reads them when the backend starts,
-# after this module. The 8-device subprocess of tests/test_sharded.py, the
-# doctests, the examples and the benchmarks' value checks compile with XLA's
-# defaults; JAXENT_TEST_FAST_COMPILE=0 makes every test do so.
-if os.environ.get("JAXENT_TEST_FAST_COMPILE", "1") != "0":
-    os.environ["XLA_FLAGS"] = " ".join(
-        [*FAST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]
-    ).strip()
-
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # The tolerance table assumes IEEE float32 products; GPUs otherwise multiply
@@ -28,9 +17,21 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # alike. CPUs compute the same either way.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Compiling dominates the suite's time, and the pytest-xdist workers and the
-# 8-device subprocess compile many of the same programs: a persistent cache
-# lets each program compile once per machine. An empty value turns it off.
+# Compiling is ~80% of the suite's time, most of it XLA:CPU's code generation
+# for thousands of small programs. FAST_XLA_FLAGS halve it (full suite 9 min
+# 45 s -> about 6 min on 2 cores); XLA reads them when the backend starts, after
+# this module. JAXENT_TEST_FAST_COMPILE=0 compiles with XLA's defaults, as the
+# 8-device subprocess of tests/test_sharded.py does (it inherits this
+# process's XLA_FLAGS, hence the flags are removed, not only not added), and
+# as the doctests, the examples and the benchmarks' value checks do.
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in FAST_XLA_FLAGS]
+if os.environ.get("JAXENT_TEST_FAST_COMPILE", "1") != "0":
+    _flags = [*FAST_XLA_FLAGS, *_flags]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
+
+# The pytest-xdist workers and the 8-device subprocess compile many of the same
+# programs: a persistent cache lets each program compile once per machine. An
+# empty value turns it off.
 _CACHE = os.environ.get(
     "JAXENT_TEST_CACHE", str(Path(__file__).resolve().parent.parent / ".jax_cache")
 )

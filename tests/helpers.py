@@ -60,12 +60,6 @@ def _fast_xla_flags() -> tuple[str, ...]:
 FAST_XLA_FLAGS = _fast_xla_flags()
 
 
-def without_fast_xla_flags(flags: str) -> str:
-    """``XLA_FLAGS`` as the user set them, for processes that should compile
-    with XLA's defaults."""
-    return " ".join(f for f in flags.split() if f not in FAST_XLA_FLAGS)
-
-
 def pairwise(**factors) -> list[dict]:
     """A deterministic all-pairs design: option combinations (dicts) in which
     every value of every factor meets every value of every other factor at

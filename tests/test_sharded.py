@@ -30,7 +30,6 @@ from tests.helpers import (
     int_labels,
     logits,
     probabilities,
-    without_fast_xla_flags,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,7 @@ def test_in_8_device_subprocess():
         f"the subprocess sees {jax.device_count()} devices despite the flag"
     )
     root = Path(__file__).absolute().parent.parent
-    flags = without_fast_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    flags = os.environ.get("XLA_FLAGS", "")
     env = {
         **os.environ,
         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}",
