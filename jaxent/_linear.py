@@ -47,11 +47,20 @@ from ._streaming import TILE_CPU as _TILE_CPU
 from ._streaming import block_size_arg as _block_size
 from ._streaming import blocked as _blocked
 from ._streaming import blocks as _blocks
+from ._streaming import chunk_rows as _chunk_rows
 from ._streaming import col_offset as _col_offset
 from ._streaming import common_float as _common_float
+from ._streaming import forward_grads as _forward_grads
 from ._streaming import logits_tile as _logits_tile
-from ._streaming import online_max_sumexp, partitioned
+from ._streaming import (
+    online_max_sumexp,
+    partitioned,
+    scale_grads,
+    token_coefficients,
+    token_weights_arg,
+)
 from ._streaming import optional_positive as _optional_positive
+from ._streaming import per_platform_chunk as _per_platform_chunk
 from ._streaming import slice_rows as _slice_rows
 from ._streaming import softcap as _softcap
 from ._streaming import update_rows as _update_rows
@@ -102,8 +111,9 @@ def linear_softmax_cross_entropy(
     labels: ArrayLike,
     *,
     bias: ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -112,6 +122,7 @@ def linear_softmax_cross_entropy(
     block_size: int | tuple[int, int] | None = None,
     axis_name: Hashable | None = None,
     implementation: str | None = None,
+    low_memory: bool = False,
     return_aux: bool = False,
 ) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
     r"""Cross-entropy of ``hidden @ weight + bias`` without materializing the logits.
@@ -250,8 +261,9 @@ def linear_softmax_cross_entropy(
     z = check_nonnegative(fn, "z_loss", z_loss)
     cap = _optional_positive(fn, "softcap", softcap)
     eps = _optional_positive(fn, "filter_eps", filter_eps)
-    if not isinstance(return_aux, bool | np.bool_):
-        raise TypeError(f"{fn}: `return_aux` must be a bool; got {return_aux!r}.")
+    for name, flag in (("return_aux", return_aux), ("low_memory", low_memory)):
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"{fn}: `{name}` must be a bool; got {flag!r}.")
     _check_shapes(fn, h, w, y)
     dtype = _common_float(h.dtype, w.dtype)
     b = None
@@ -275,6 +287,7 @@ def linear_softmax_cross_entropy(
                 f"got {describe(where)}."
             )
         counted = counted & where
+    tw = token_weights_arg(fn, token_weights, y.shape)
     blocks = _block_size(fn, block_size)
 
     n, (d, v_local) = int(np.prod(y.shape)), w.shape
@@ -288,17 +301,32 @@ def linear_softmax_cross_entropy(
     y32 = jnp.where(in_range, y, -1).astype(jnp.int32)
     params = (h.astype(dtype).reshape(n, d), w.astype(dtype), b)
     rest = (y32, counted.reshape(n), in_range)
-    core = impl(_LINEAR)
-    if axis_name is None and any(
-        is_sharded(a) for a in (*params, *rest) if a is not None
-    ):
-        out, aux = partitioned(
-            lambda *args: core(*args, opts), (*params, *rest), _LAYOUT
-        )
+    acc = compute_dtype(dtype)
+    if reduction != "none" and not low_memory and chosen == "xla":
+        # The loss is sum_i c_i loss_i with c_i known now: gradients in the
+        # forward pass (see _fused_sum).
+        coef = token_coefficients(counted, tw, reduction, acc).reshape(n)
+        core = impl(_LINEAR_SUM)
+        arrays = (*params, *rest, coef)
+        sharded = any(is_sharded(a) for a in arrays if a is not None)
+        if axis_name is None and sharded:
+            out, aux = partitioned(
+                lambda *args: core(*args, opts), arrays, (*_LAYOUT, "tokens"), True
+            )
+        else:
+            out, aux = core(*arrays, axis_name, opts)
     else:
-        out, aux = core(*params, *rest, axis_name, opts)
-    out = reduce_loss(out.reshape(batch), reduction, jnp.sum(counted))
-    out = out.astype(dtype)
+        core = impl(_LINEAR)
+        arrays = (*params, *rest)
+        if axis_name is None and any(is_sharded(a) for a in arrays if a is not None):
+            out, aux = partitioned(lambda *args: core(*args, opts), arrays, _LAYOUT)
+        else:
+            out, aux = core(*arrays, axis_name, opts)
+        out = out.reshape(batch)
+        if tw is not None:
+            out = out * tw.astype(out.dtype)
+        out = reduce_loss(out, reduction, jnp.sum(counted))
+    out = out.astype(acc)
     if not return_aux:
         return out
     lse, argmax = (lax.stop_gradient(a).reshape(batch) for a in aux)
@@ -466,6 +494,45 @@ def _fused_bwd(axis_name, opts: _Opts, res, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _fused_sum(h, w, b, y, counted, in_range, coef, axis_name, opts):
+    """``sum_i coef_i loss_i`` (and the aux outputs) of :func:`_fused`'s
+    per-token losses. Undifferentiated, one forward pass; differentiated, the
+    gradients are formed in the forward pass (three matmuls) and the backward
+    only scales them by the cotangent."""
+    loss, aux = _fused_fwd(h, w, b, y, counted, in_range, axis_name, opts)[0]
+    return jnp.sum(coef.astype(loss.dtype) * loss), aux
+
+
+def _fused_sum_fwd(h, w, b, y, counted, in_range, coef, axis_name, opts: _Opts):
+    # symbolic_zeros: each array comes with whether it is differentiated.
+    need = (h.perturbed, w.perturbed, b is not None and b.perturbed)
+    h, w, b, y, counted, in_range, coef = (
+        None if a is None else a.value for a in (h, w, b, y, counted, in_range, coef)
+    )
+    sums = functools.partial(_xla_sum_grads, axis_name=axis_name, opts=opts, need=need)
+    y_local = y - _col_offset(axis_name, w.shape[1])
+    loss, aux, dh, dw, db = _per_platform_chunk(
+        sums, h, w, b, y_local, counted, in_range, coef
+    )
+    if dh is not None and axis_name is not None:
+        # Each shard holds the part of d hidden from its own columns.
+        dh = lax.psum(dh, axis_name)
+    out = (jnp.sum(coef.astype(loss.dtype) * loss), aux)
+    grads = tuple(
+        None if g is None else g.astype(a.dtype)
+        for g, a in zip((dh, dw, db), (h, w, b), strict=True)
+    )
+    return out, grads
+
+
+def _fused_sum_bwd(axis_name, opts: _Opts, grads, cts):
+    return (*scale_grads(grads, cts[0]), None, None, None, None)
+
+
+_fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd, symbolic_zeros=True)
+
+
 # -- "xla": blocked loops of XLA ops --------------------------------------------
 
 
@@ -516,14 +583,8 @@ def _xla_grads(h, w, b, y, lse, g, *, opts: _Opts, tile: int):
     (n, d), v = h.shape, w.shape[1]
     acc = compute_dtype(h.dtype)
     block_n, block_v = _blocks(opts.block_size, n, v, tile)
-    on0, off0 = _targets(opts)
     axes = vma(h) | vma(w)
-    # Per-row factors of d loss_i / d x_ik = g_i (p_ik (1 + 2 z lse_i) - Y_ik).
-    scale0 = 1 + 2 * opts.z_loss * lse
-    filtering = opts.filter_eps is not None
-    # With a filter, d loss_i / d x_ik is formed before the cotangent scales it.
-    factors = (scale0, g) if filtering else (g * scale0, g * on0, g * off0)
-    rows = (y, lse, *factors)
+    rows = (y, lse, g)
 
     def vocab_block(c0, cw, carry):
         dh, dw, db = carry
@@ -533,22 +594,9 @@ def _xla_grads(h, w, b, y, lse, g, *, opts: _Opts, tile: int):
             th = None
             if opts.softcap is not None:
                 x, th = _softcap(x, opts.softcap)
-            yb, lb, *factors = (a[:, None] for a in _slice_rows(rows, r0, rn))
+            yb, lb, gb = (a[:, None] for a in _slice_rows(rows, r0, rn))
             cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
-            hit = cols == yb
-            p = jnp.exp(x - lb)
-            kept = None
-            if filtering:
-                sc, gb = factors
-                g0 = p * sc - jnp.where(hit, on0, off0)
-                keep = jnp.logical_not(jnp.abs(g0) < opts.filter_eps)
-                gx = jnp.where(keep, g0, 0.0) * gb
-                kept = jnp.any(keep)
-            else:
-                sc, on, off = factors
-                gx = p * sc - jnp.where(hit, on, off)
-            if th is not None:
-                gx = gx * (1 - th * th)
+            gx, kept = _logits_grad(x, th, cols == yb, lb, gb, opts)
             # The matmuls run in the input dtype (bf16 stays bf16) with
             # accumulation in `acc`.
             gx = gx.astype(h.dtype)
@@ -584,6 +632,78 @@ def _xla_grads(h, w, b, y, lse, g, *, opts: _Opts, tile: int):
         None if b is None else vary(jnp.zeros_like(b), axes),
     )
     return _blocked(v, block_v, vocab_block, init)
+
+
+def _logits_grad(x, th, hit, lse, g, opts: _Opts):
+    """``g_i d loss_i / d x_ik = g_i (p_ik (1 + 2 z lse_i) - Y_ik)`` of a tile of
+    (capped) logits ``x``, times ``1 - tanh^2`` with a softcap (``th`` the
+    tile's tanh, else None); ``hit`` marks the labels' entries, ``lse`` and
+    ``g`` are ``[rows, 1]``. With ``filter_eps`` the entries of ``d loss_i /
+    d x_ik`` below it are dropped, and the second result says whether any is
+    kept (else None)."""
+    on, off = _targets(opts)
+    p = jnp.exp(x - lse)
+    scale = 1 + 2 * opts.z_loss * lse if opts.z_loss else None
+    kept = None
+    if opts.filter_eps is not None:
+        # d loss_i / d x_ik is formed (and filtered) before g scales it.
+        g0 = (p if scale is None else p * scale) - jnp.where(hit, on, off)
+        keep = jnp.logical_not(jnp.abs(g0) < opts.filter_eps)
+        gx = jnp.where(keep, g0, 0.0) * g
+        kept = jnp.any(keep)
+    else:
+        gx = p * (g if scale is None else g * scale) - jnp.where(hit, g * on, g * off)
+    if th is not None:
+        gx = gx * (1 - th * th)
+    return gx, kept
+
+
+# -- "xla", gradient in the forward pass: token chunks of full rows ------------
+
+
+def _xla_sum_grads(
+    h, w, b, y, counted, in_range, coef, *, axis_name, opts, need, budget
+):
+    """``(losses, aux, dh, dw, db)`` of ``sum_i coef_i loss_i`` in one pass over
+    token chunks with full rows of this shard's columns (``y`` in local ids):
+    per-token losses and ``aux`` as in :func:`_finish`, gradients as in
+    :func:`jaxent._streaming.forward_grads` (None where not in ``need``)."""
+    n, v = h.shape[0], w.shape[1]
+    acc = compute_dtype(h.dtype)
+    g = jnp.where(counted, jnp.where(in_range, coef.astype(acc), jnp.nan), 0.0)
+
+    def chunk(x, hb, r0, rn, rows):
+        yb, cb, ib, gb = rows
+        th = None
+        if opts.softcap is not None:
+            x, th = _softcap(x, opts.softcap)
+        m, s, _ = online_max_sumexp(jnp.full((rn,), -jnp.inf, acc), 0.0, x)
+        hit = lax.broadcasted_iota(jnp.int32, (1, v), 1) == yb[:, None]
+        t = jnp.sum(jnp.where(hit, x, 0.0), 1)
+        xs = jnp.sum(x, 1) if opts.smoothing > 0 else None
+        am = jnp.argmax(x, axis=1).astype(jnp.int32) if opts.aux else None
+        stats = (m, s, t, xs, am)
+        loss, lse, am = _finish(stats, hb, w, b, cb, ib, axis_name, opts)
+        gx, _ = _logits_grad(x, th, hit, lse[:, None], gb[:, None], opts)
+        return gx, (loss, lse, am)
+
+    outs = (
+        jnp.zeros((n,), acc),
+        jnp.zeros((n,), acc),
+        jnp.zeros((n,), jnp.int32) if opts.aux else None,
+    )
+    (loss, lse, am), dh, dw, db = _forward_grads(
+        h,
+        w,
+        b,
+        (y, counted, in_range, g),
+        outs,
+        chunk,
+        block_n=_chunk_rows(opts.block_size, n, v, budget),
+        need=need,
+        dh_dtype=h.dtype if axis_name is None else acc,
+    )
+    return loss, (lse, am) if opts.aux else None, dh, dw, db
 
 
 # -- "pallas": the Triton kernels of _pallas_linear ------------------------------
@@ -755,4 +875,11 @@ def _materialized(h, w, b, y, counted, in_range, axis_name, opts: _Opts):
     return loss, aux
 
 
+def _materialized_sum(h, w, b, y, counted, in_range, coef, axis_name, opts: _Opts):
+    """:func:`_fused_sum` on materialized logits in plain JAX."""
+    loss, aux = _materialized(h, w, b, y, counted, in_range, axis_name, opts)
+    return jnp.sum(coef.astype(loss.dtype) * loss), aux
+
+
 _LINEAR = Rule(_fused, _materialized, diff=(0, 1, 2), exclude=6)
+_LINEAR_SUM = Rule(_fused_sum, _materialized_sum, diff=(0, 1, 2), exclude=7)

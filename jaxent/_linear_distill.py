@@ -48,17 +48,23 @@ from ._streaming import (
     block_size_arg,
     blocked,
     blocks,
+    chunk_rows,
     col_offset,
     combine_max_sumexp,
     common_float,
+    forward_grads,
     log_normalizer,
     logits_tile,
     online_max_sumexp,
     optional_positive,
     partitioned,
+    per_platform_chunk,
     per_platform_tile,
+    scale_grads,
     slice_rows,
     softcap,
+    token_coefficients,
+    token_weights_arg,
     update_rows,
 )
 
@@ -101,12 +107,14 @@ def linear_softmax_distillation(
     soft_weight: float = 1.0,
     bias: ArrayLike | None = None,
     teacher_bias: ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     softcap: float | None = None,
     reduction: str = "none",
     block_size: int | tuple[int, int] | None = None,
     axis_name: Hashable | None = None,
+    low_memory: bool = False,
 ) -> jax.Array:
     r"""Distillation of a teacher's head into a student's without materializing
     either model's logits.
@@ -241,13 +249,16 @@ def linear_softmax_distillation(
     ignore_index = check_index(fn, "ignore_index", ignore_index)
     _check_shapes(fn, h, w, th, tw)
     batch = h.shape[:-1]
+    if not isinstance(low_memory, bool | np.bool_):
+        raise TypeError(f"{fn}: `low_memory` must be a bool; got {low_memory!r}.")
     if labels is None:
-        for name, value in (("hard_weight", hard), ("ignore_index", ignore_index)):
-            if value not in (0.0, None):
-                raise ValueError(
-                    f"{fn}: `labels` are required with `{name}`={value!r}; got "
-                    "labels=None."
-                )
+        if hard != 0:
+            raise ValueError(
+                f"{fn}: `labels` are required with `hard_weight`={hard!r}; got "
+                "labels=None."
+            )
+        # Without labels every token counts: ignore_index has nothing to match.
+        ignore_index = None
         y = jnp.zeros(batch, jnp.int32)
     else:
         y = as_int(fn, "labels", labels)
@@ -277,6 +288,7 @@ def linear_softmax_distillation(
                 f"{batch}; got {describe(where)}."
             )
         counted = counted & where
+    tweights = token_weights_arg(fn, token_weights, batch)
 
     n, (d, v_local), dt = int(np.prod(batch)), w.shape, tw.shape[0]
     num_classes = v_local * (1 if axis_name is None else lax.axis_size(axis_name))
@@ -301,13 +313,31 @@ def linear_softmax_distillation(
         counted.reshape(n),
         in_range,
     )
-    core = impl(_DISTILL)
-    if axis_name is None and any(is_sharded(a) for a in arrays if a is not None):
-        out = partitioned(lambda *args: core(*args, opts), arrays, _LAYOUT)
+    acc = compute_dtype(dtype)
+    sharded = axis_name is None and any(is_sharded(a) for a in arrays if a is not None)
+    if reduction != "none" and not low_memory:
+        # The loss is sum_i c_i loss_i with c_i known now: gradients in the
+        # forward pass (see _fused_sum).
+        coef = token_coefficients(counted, tweights, reduction, acc).reshape(n)
+        core = impl(_DISTILL_SUM)
+        arrays = (*arrays, coef)
+        if sharded:
+            layout = (*_LAYOUT, "tokens")
+            out = partitioned(lambda *a: (core(*a, opts), None), arrays, layout, True)
+            out = out[0]
+        else:
+            out = core(*arrays, axis_name, opts)
     else:
-        out = core(*arrays, axis_name, opts)
-    out = reduce_loss(out.reshape(batch), reduction, jnp.sum(counted))
-    return out.astype(dtype)
+        core = impl(_DISTILL)
+        if sharded:
+            out = partitioned(lambda *args: core(*args, opts), arrays, _LAYOUT)
+        else:
+            out = core(*arrays, axis_name, opts)
+        out = out.reshape(batch)
+        if tweights is not None:
+            out = out * tweights.astype(out.dtype)
+        out = reduce_loss(out, reduction, jnp.sum(counted))
+    return out.astype(acc)
 
 
 # Layouts of the rule's arrays for :func:`jaxent._streaming.partitioned`.
@@ -382,15 +412,33 @@ def _acc(h, th) -> jnp.dtype:
 
 
 def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts):
-    acc = _acc(h, th)
     y_local = y - col_offset(axis_name, w.shape[1])
     # Pass 1: each model's online max / sum-exp, the target logit and, for
     # the KL ends, the KL's running sum.
-    ms, ss, mt, st, m1, s1, ty, ka = per_platform_tile(
+    raw = per_platform_tile(
         functools.partial(_normalizers, opts=opts), h, w, b, th, tw, tb, y_local
     )
+    # Pass 2 (0 < beta < 1): the divergence sums, the normalizers known.
+    sums = functools.partial(_divergence_sums, opts=opts)
+    loss, stats = _finish(
+        raw,
+        counted,
+        in_range,
+        axis_name,
+        opts,
+        lambda stats: per_platform_tile(sums, h, w, b, th, tw, tb, stats),
+    )
+    return loss, (h, w, b, th, tw, tb, y, counted, in_range, stats)
+
+
+def _finish(raw, counted, in_range, axis_name, opts: _Opts, divergence_sums):
+    """Per-token losses and :class:`_Stats` from pass 1's per-token statistics
+    of this shard's columns (:func:`_pass1`); ``divergence_sums(stats)`` gives
+    this shard's ``(KL(q || M), KL(p || M))`` sums for ``0 < beta < 1``."""
+    ms, ss, mt, st, m1, s1, ty, ka = raw
+    acc = ty.dtype if ty is not None else ss.dtype
     stats = _Stats(*[None] * 8)
-    loss = jnp.zeros(y.shape, acc)
+    loss = jnp.zeros(counted.shape, acc)
     if opts.soft:
         if ka is not None:
             ka = _combine_kl_sum(mt if opts.beta == 0.0 else ms, ka, axis_name)
@@ -411,9 +459,7 @@ def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts
             kl = jnp.where(some, kl, 0.0)
             loss = opts.soft * kl
         else:
-            # Pass 2: the divergence sums, the normalizers known.
-            sums = functools.partial(_divergence_sums, opts=opts)
-            klq, klp = per_platform_tile(sums, h, w, b, th, tw, tb, stats)
+            klq, klp = divergence_sums(stats)
             if axis_name is not None:
                 klq, klp = lax.psum((klq, klp), axis_name)
             kl = klq
@@ -429,7 +475,7 @@ def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts
             ty = lax.psum(ty, axis_name)
         loss = loss + opts.hard * ((m1 - ty) + l1)
     loss = jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
-    return loss, (h, w, b, th, tw, tb, y, counted, in_range, stats)
+    return loss, stats
 
 
 def _combine_kl_sum(m, ka, axis_name):
@@ -505,44 +551,56 @@ def _normalizers(h, w, b, th, tw, tb, y, *, opts: _Opts, tile: int):
     n, v = h.shape[0], w.shape[1]
     acc = _acc(h, th)
     block_n, block_v = blocks(opts.block_size, n, v, tile)
-    temp = opts.temperature
 
     def vocab_block(c0, cw, carry):
         def token_chunk(r0, rn, carry):
             _, _, x, _, t = _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts)
-            ms, ss, mt, st, m1, s1, ty, ka = slice_rows(carry, r0, rn)
-            if ms is not None:
-                xs, ts = tempered(x, temp), tempered(t, temp)
-                if ka is not None:
-                    # KL(p || q) at beta = 0 weighs by the teacher, KL(q || p)
-                    # at beta = 1 by the student.
-                    if opts.beta == 0.0:
-                        ka = _online_kl_sum(mt, ka, ts, xs)
-                    else:
-                        ka = _online_kl_sum(ms, ka, xs, ts)
-                ms, ss, _ = online_max_sumexp(ms, ss, xs)
-                mt, st, _ = online_max_sumexp(mt, st, ts)
-            if m1 is not None:
-                m1, s1, _ = online_max_sumexp(m1, s1, x)
-            if ty is not None:
-                (yb,) = slice_rows((y,), r0, rn)
-                cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
-                ty = ty + jnp.sum(jnp.where(cols == yb[:, None], x, 0.0), 1)
-            return update_rows(carry, (ms, ss, mt, st, m1, s1, ty, ka), r0)
+            (yb,) = slice_rows((y,), r0, rn)
+            raw = _pass1(x, t, yb, c0, slice_rows(carry, r0, rn), opts)
+            return update_rows(carry, raw, r0)
 
         return blocked(n, block_n, token_chunk, carry)
 
+    return blocked(
+        v, block_v, vocab_block, _varying(_pass1_init(n, acc, opts), h, w, th, tw)
+    )
+
+
+def _pass1_init(n: int, acc, opts: _Opts):
+    """Pass 1's statistics before any column (None where not needed)."""
     ninf, zeros = jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc)
     soft = bool(opts.soft)
     apart = bool(opts.hard) and not opts.shared
     ends = soft and opts.beta in (0.0, 1.0)
-    init = (
+    return (
         *((ninf, zeros) * 2 if soft else (None,) * 4),
         *((ninf, zeros) if apart else (None, None)),
         zeros if opts.hard else None,
         zeros if ends else None,
     )
-    return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+
+
+def _pass1(x, t, y, c0, raw, opts: _Opts):
+    """Pass 1's statistics ``raw`` of some rows updated with a tile of both
+    models' logits (columns from ``c0`` on; ``y`` the rows' local labels)."""
+    ms, ss, mt, st, m1, s1, ty, ka = raw
+    if ms is not None:
+        xs, ts = tempered(x, opts.temperature), tempered(t, opts.temperature)
+        if ka is not None:
+            # KL(p || q) at beta = 0 weighs by the teacher, KL(q || p) at
+            # beta = 1 by the student.
+            if opts.beta == 0.0:
+                ka = _online_kl_sum(mt, ka, ts, xs)
+            else:
+                ka = _online_kl_sum(ms, ka, xs, ts)
+        ms, ss, _ = online_max_sumexp(ms, ss, xs)
+        mt, st, _ = online_max_sumexp(mt, st, ts)
+    if m1 is not None:
+        m1, s1, _ = online_max_sumexp(m1, s1, x)
+    if ty is not None:
+        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+        ty = ty + jnp.sum(jnp.where(cols == y[:, None], x, 0.0), 1)
+    return ms, ss, mt, st, m1, s1, ty, ka
 
 
 def _online_kl_sum(m, ka, f, e):
@@ -598,40 +656,17 @@ def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
     acc = _acc(h, th)
     hacc = compute_dtype(h.dtype)
     block_n, block_v = blocks(opts.block_size, n, v, tile)
-    beta, temp = opts.beta, opts.temperature
-    mixed = 0.0 < beta < 1.0
-    # Per-token factors of d loss_i / d x_ik.
-    soft = g * (opts.soft / temp * ((1 - beta) if mixed else 1.0))
-    hard = g * opts.hard
-    rows = (y, soft, hard, *stats)
+    rows = (y, g, *stats)
 
     def vocab_block(c0, cw, carry):
         dh, dw, db = carry
 
         def token_chunk(r0, rn, inner):
             hb, wb, x, tanh, t = _tiles(h, w, b, th, tw, tb, r0, rn, c0, cw, acc, opts)
-            yb, cs, ch, ms, ls, mt, lt, m1, l1, mass, kl = (
+            yb, gb, *st = (
                 None if a is None else a[:, None] for a in slice_rows(rows, r0, rn)
             )
-            gx = jnp.zeros((), acc)
-            q = None
-            if opts.soft:
-                lq, lp = _log_probs(x, t, (ms, ls, mt, lt), opts)
-                q = jnp.exp(lq)
-                if mixed:
-                    # (1 - beta) / T q (log q - log M - KL(q || M)).
-                    gs = q * (_log_ratios(lq, lp, beta, ms * 0)[0] - kl)
-                elif beta == 0.0:
-                    gs = q * mass - jnp.exp(lp)  # (q sum(p) - p) / T
-                else:
-                    gs = (mul0(q, lq) - mul0(q, lp)) - q * kl
-                gx = gx + cs * gs
-            if opts.hard:
-                p1 = q if opts.shared else jnp.exp((x - m1) - l1)
-                cols = c0 + lax.broadcasted_iota(jnp.int32, (1, cw), 1)
-                gx = gx + ch * (p1 - (cols == yb).astype(acc))
-            if tanh is not None:
-                gx = gx * (1 - tanh * tanh)
+            gx = _student_grad(x, tanh, t, yb, c0, gb, _Stats(*st), opts)
             # The matmuls run in the input dtype (bf16 stays bf16) with
             # accumulation in float32 (float64 for float64 inputs).
             gx = gx.astype(h.dtype)
@@ -666,6 +701,129 @@ def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
         None if b is None else jnp.zeros_like(b),
     )
     return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+
+
+def _student_grad(x, tanh, t, y, c0, g, stats: _Stats, opts: _Opts):
+    """``g_i d loss_i / d x_ik`` of a tile of the student's (capped) logits
+    ``x`` (columns from ``c0`` on; ``tanh`` its softcap's tanh or None), ``t``
+    the teacher's tile; ``y``, ``g`` and ``stats`` are ``[rows, 1]``."""
+    beta = opts.beta
+    mixed = 0.0 < beta < 1.0
+    gx = jnp.zeros((), x.dtype)
+    q = None
+    if opts.soft:
+        ms, ls, mt, lt = stats.ms, stats.ls, stats.mt, stats.lt
+        lq, lp = _log_probs(x, t, (ms, ls, mt, lt), opts)
+        q = jnp.exp(lq)
+        if mixed:
+            # (1 - beta) / T q (log q - log M - KL(q || M)).
+            gs = q * (_log_ratios(lq, lp, beta, ms * 0)[0] - stats.kl)
+        elif beta == 0.0:
+            gs = q * stats.mass - jnp.exp(lp)  # (q sum(p) - p) / T
+        else:
+            gs = (mul0(q, lq) - mul0(q, lp)) - q * stats.kl
+        gx = (
+            gx
+            + (g * (opts.soft / opts.temperature * ((1 - beta) if mixed else 1.0))) * gs
+        )
+    if opts.hard:
+        p1 = q if opts.shared else jnp.exp((x - stats.m1) - stats.l1)
+        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+        gx = gx + (g * opts.hard) * (p1 - (cols == y).astype(x.dtype))
+    if tanh is not None:
+        gx = gx * (1 - tanh * tanh)
+    return gx
+
+
+# -- gradient in the forward pass: token chunks of full rows ----------------------
+
+
+def _sum_grads(
+    h, w, b, th, tw, tb, y, counted, in_range, coef, *, axis_name, opts, need, budget
+):
+    """``(losses, dh, dw, db)`` of ``sum_i coef_i loss_i`` in one pass over
+    token chunks with full rows of this shard's columns (``y`` in local ids):
+    each chunk's student and teacher logits give its statistics, losses and
+    student logits gradient at once (see
+    :func:`jaxent._streaming.forward_grads`; None where not in ``need``)."""
+    n, v = h.shape[0], w.shape[1]
+    acc = _acc(h, th)
+    g = jnp.where(counted, jnp.where(in_range, coef.astype(acc), jnp.nan), 0.0)
+
+    def chunk(x, hb, r0, rn, rows):
+        thb, yb, cb, ib, gb = rows
+        tanh = t = None
+        if opts.softcap is not None:
+            x, tanh = softcap(x, opts.softcap)
+        if opts.soft:
+            t = logits_tile(thb, tw, tb, 0, rn, 0, v, acc)[2]
+            if opts.softcap is not None:
+                t = softcap(t, opts.softcap)[0]
+        raw = _pass1(x, t, yb, 0, _pass1_init(rn, acc, opts), opts)
+
+        def divergence_sums(stats):
+            rb = tuple(a[:, None] for a in (stats.ms, stats.ls, stats.mt, stats.lt))
+            lq, lp = _log_probs(x, t, rb, opts)
+            return tuple(
+                jnp.sum(e, 1) for e in _divergence_terms(lq, lp, rb[0] * 0, opts)
+            )
+
+        loss, stats = _finish(raw, cb, ib, axis_name, opts, divergence_sums)
+        st = _Stats(*(None if a is None else a[:, None] for a in stats))
+        return _student_grad(x, tanh, t, yb[:, None], 0, gb[:, None], st, opts), (loss,)
+
+    (loss,), dh, dw, db = forward_grads(
+        h,
+        w,
+        b,
+        (th, y, counted, in_range, g),
+        (jnp.zeros((n,), acc),),
+        chunk,
+        block_n=chunk_rows(opts.block_size, n, v, budget),
+        need=need,
+        dh_dtype=h.dtype if axis_name is None else compute_dtype(h.dtype),
+    )
+    return loss, dh, dw, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def _fused_sum(h, w, b, th, tw, tb, y, counted, in_range, coef, axis_name, opts):
+    """``sum_i coef_i loss_i`` of :func:`_fused`'s per-token losses.
+    Undifferentiated, the streaming forward passes; differentiated, the
+    gradients are formed in one forward pass over token chunks and the
+    backward only scales them by the cotangent."""
+    arrays = (h, w, b, th, tw, tb, y, counted, in_range)
+    loss = _fused_fwd(*arrays, axis_name, opts)[0]
+    return jnp.sum(coef.astype(loss.dtype) * loss)
+
+
+def _fused_sum_fwd(h, w, b, th, tw, tb, y, counted, in_range, coef, axis_name, opts):
+    # symbolic_zeros: each array comes with whether it is differentiated.
+    need = (h.perturbed, w.perturbed, b is not None and b.perturbed)
+    arrays = (h, w, b, th, tw, tb, y, counted, in_range, coef)
+    h, w, b, th, tw, tb, y, counted, in_range, coef = (
+        None if a is None else a.value for a in arrays
+    )
+    sums = functools.partial(_sum_grads, axis_name=axis_name, opts=opts, need=need)
+    y_local = y - col_offset(axis_name, w.shape[1])
+    loss, dh, dw, db = per_platform_chunk(
+        sums, h, w, b, th, tw, tb, y_local, counted, in_range, coef
+    )
+    if dh is not None and axis_name is not None:
+        # Each shard holds the part of d hidden from its own columns.
+        dh = lax.psum(dh, axis_name)
+    grads = tuple(
+        None if d is None else d.astype(a.dtype)
+        for d, a in zip((dh, dw, db), (h, w, b), strict=True)
+    )
+    return jnp.sum(coef.astype(loss.dtype) * loss), grads
+
+
+def _fused_sum_bwd(axis_name, opts: _Opts, grads, g):
+    return (*scale_grads(grads, g), *(None,) * 7)
+
+
+_fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd, symbolic_zeros=True)
 
 
 # -- the plain twin: materialized logits, plain autodiff --------------------------
@@ -707,4 +865,12 @@ def _materialized(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _O
     return jnp.where(counted, jnp.where(in_range, loss, jnp.nan), 0.0)
 
 
+def _materialized_sum(h, w, b, th, tw, tb, y, counted, in_range, coef, axis_name, opts):
+    """:func:`_fused_sum` on materialized logits in plain JAX."""
+    arrays = (h, w, b, th, tw, tb, y, counted, in_range)
+    loss = _materialized(*arrays, axis_name, opts)
+    return jnp.sum(coef.astype(loss.dtype) * loss)
+
+
 _DISTILL = Rule(_fused, _materialized, diff=(0, 1, 2), exclude=9)
+_DISTILL_SUM = Rule(_fused_sum, _materialized_sum, diff=(0, 1, 2), exclude=10)

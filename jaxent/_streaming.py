@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec
 
-from ._args import check_positive
-from ._sharding import replicated, reshard, spec
+from ._args import as_float, check_positive, describe
+from ._numerics import compute_dtype
+from ._sharding import replicated, reshard, spec, vary, vma
 
 # Default tiling of the "xla" implementation, measured with
 # benchmarks/linear_ce.py --sweep (forward + backward). CPU, N=2048, D=256,
@@ -40,6 +42,16 @@ from ._sharding import replicated, reshard, spec
 TILE_CPU = 2**20
 TILE_ACCELERATOR = 2**24
 BLOCK_V = 2048
+# Default token chunk of the gradient-in-forward path (:func:`forward_grads`),
+# in logits per chunk (rows x this shard's vocabulary): a budget that does not
+# grow with the number of tokens. Temp memory is the float32 ``d weight``
+# accumulator (one weight's size) plus a few float32 chunks. CPU: N=2048,
+# D=256, V=32768 float32, chunks of 2^22 logits (128 rows) run below the
+# materialized path's time; GPU/TPU: 2^26 (512 rows of a 128k vocabulary), so
+# that the accumulator's read-modify-write per chunk stays small against the
+# chunk's matmuls (chosen, not measured on a GPU).
+CHUNK_CPU = 2**22
+CHUNK_ACCELERATOR = 2**26
 
 
 # -- arguments -------------------------------------------------------------------
@@ -65,6 +77,32 @@ def block_size_arg(fn: str, block_size) -> tuple[int | None, int] | None:
             f"ints (block_n, block_v); got {block_size!r}."
         )
     return (None, *sizes) if len(sizes) == 1 else sizes
+
+
+def token_weights_arg(fn: str, token_weights, shape: tuple[int, ...]):
+    """``token_weights`` as a floating array of the tokens' ``shape`` (None
+    kept), cut from differentiation: it receives no gradient."""
+    if token_weights is None:
+        return None
+    tw = as_float(fn, "token_weights", token_weights)
+    if tw.shape != shape:
+        raise ValueError(
+            f"{fn}: `token_weights` must have the tokens' shape {shape}; got "
+            f"{describe(tw)}."
+        )
+    return lax.stop_gradient(tw)
+
+
+def token_coefficients(counted, token_weights, reduction: str, dtype):
+    """Each token's coefficient ``c_i`` in a scalar reduction ``sum_i c_i
+    loss_i``: ``counted`` (times ``token_weights``), over the number of counted
+    tokens for ``"mean"`` (all 0 when none is counted)."""
+    coef = counted.astype(dtype)
+    if token_weights is not None:
+        coef = coef * token_weights.astype(dtype)
+    if reduction == "mean":
+        coef = coef / jnp.maximum(jnp.sum(counted), 1).astype(dtype)
+    return coef
 
 
 def common_float(a, b) -> jnp.dtype:
@@ -100,6 +138,26 @@ def per_platform_tile(fn: Callable, *args):
         *args,
         cpu=functools.partial(fn, tile=TILE_CPU),
         default=functools.partial(fn, tile=TILE_ACCELERATOR),
+    )
+
+
+def chunk_rows(block_size, n: int, v: int, budget: int) -> int:
+    """Token rows per chunk of :func:`forward_grads`: ``block_size``'s
+    ``block_n`` when given, else about ``budget`` logits of full rows."""
+    block_n = None if block_size is None else block_size[0]
+    if block_n is None:
+        block_n = max(8, budget // max(v, 1) // 8 * 8)
+    return min(block_n, max(n, 1))
+
+
+def per_platform_chunk(fn: Callable, *args):
+    """``fn(*args, budget=...)`` with the chunk budget of the platform the
+    program is lowered for (:data:`CHUNK_CPU` on CPU, :data:`CHUNK_ACCELERATOR`
+    elsewhere)."""
+    return lax.platform_dependent(
+        *args,
+        cpu=functools.partial(fn, budget=CHUNK_CPU),
+        default=functools.partial(fn, budget=CHUNK_ACCELERATOR),
     )
 
 
@@ -155,6 +213,74 @@ def update_rows(arrays, blocks, r0):
     return tuple(
         None if a is None else lax.dynamic_update_slice_in_dim(a, ab, r0, 0)
         for a, ab in zip(arrays, blocks, strict=True)
+    )
+
+
+# -- the gradient in the forward pass ------------------------------------------------
+
+
+def forward_grads(h, w, b, rows, outs, chunk_fn, *, block_n: int, need, dh_dtype):
+    """Values and gradients in one pass over token chunks with full rows.
+
+    For a loss ``sum_i c_i loss_i`` whose coefficients are known in the
+    forward, each chunk's logits ``h[rows] @ w + b`` (accumulated in ``h``'s
+    compute dtype) give at once the chunk's per-token outputs and its logits
+    gradient ``gx = sum_i c_i d loss_i / d x`` (``chunk_fn(x, hb, r0, rn,
+    rows_b) -> (gx, outs_b)``; ``rows_b`` are the chunk's rows of ``rows``,
+    None kept), which feeds the gradient matmuls right away: three matmuls in
+    all, as with materialized logits, and no recomputation in the backward.
+    ``need = (d hidden, d weight, d bias)`` says which gradients to form; a
+    gradient not needed costs no matmul.
+
+    Returns ``(outs, dh, dw, db)``: ``outs`` is ``outs`` (per-token arrays,
+    the initial values) with each chunk's rows written; ``dh`` ``[N, D]`` in
+    ``dh_dtype`` (each row is final once its chunk is done, so ``h``'s dtype
+    unless the caller still sums it over a vocab-parallel axis), ``dw`` and
+    ``db`` accumulated in the compute dtype; None where not needed.
+    """
+    (n, d), v = h.shape, w.shape[1]
+    acc = compute_dtype(h.dtype)
+    want_dh, want_dw, want_db = need
+    want_db = want_db and b is not None
+    axes = vma(h) | vma(w)
+
+    def chunk(r0, rn, carry):
+        outs, dh, dw, db = carry
+        hb, _, x = logits_tile(h, w, b, r0, rn, 0, v, acc)
+        gx, outs_b = chunk_fn(x, hb, r0, rn, slice_rows(rows, r0, rn))
+        outs = update_rows(outs, outs_b, r0)
+        gx = gx.astype(h.dtype)
+        if dh is not None:
+            dhb = jnp.matmul(gx, w.T, preferred_element_type=acc).astype(dh.dtype)
+            dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
+        if dw is not None:
+            dw = dw + jnp.matmul(hb.T, gx, preferred_element_type=acc)
+        if db is not None:
+            db = db + jnp.sum(gx, axis=0, dtype=acc)
+        return outs, dh, dw, db
+
+    init = (
+        outs,
+        jnp.zeros((n, d), dh_dtype) if want_dh else None,
+        jnp.zeros((d, v), acc) if want_dw else None,
+        jnp.zeros((v,), acc) if want_db else None,
+    )
+    init = (
+        tuple(None if a is None else vary(a, axes) for a in init[0]),
+        *(None if a is None else vary(a, axes) for a in init[1:]),
+    )
+    return blocked(n, block_n, chunk, init)
+
+
+def scale_grads(grads: tuple, g) -> tuple:
+    """The gradients formed in the forward pass (None kept) times the scalar
+    cotangent ``g`` (a ``SymbolicZero`` when the loss is not used), in the
+    compute dtype, back in each gradient's dtype."""
+    if isinstance(g, SymbolicZero):
+        return tuple(None if a is None else jnp.zeros_like(a) for a in grads)
+    return tuple(
+        None if a is None else (a.astype(compute_dtype(a.dtype)) * g).astype(a.dtype)
+        for a in grads
     )
 
 
@@ -214,7 +340,7 @@ def _axes(entry) -> tuple:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def partitioned(fn: Callable, args: tuple, kinds: tuple[str, ...]):
+def partitioned(fn: Callable, args: tuple, kinds: tuple[str, ...], total=False):
     """``fn(*args, axis_name)`` on an explicit-sharding mesh, run per shard in
     ``shard_map``; ``kinds`` gives each argument's layout (``"hidden"``,
     ``"weight"``, ``"bias"``, ``"tokens"``; None arguments are kept).
@@ -225,7 +351,8 @@ def partitioned(fn: Callable, args: tuple, kinds: tuple[str, ...]):
     the column axes (``fn`` gets their name as ``axis_name``; None when the
     columns are whole). The blocked loops slice the arrays dynamically, which
     explicit sharding does not allow along a sharded axis. ``fn`` returns
-    per-token arrays (any pytree of them).
+    per-token arrays (any pytree of them); with ``total``, a pair of a scalar
+    (each shard's part of a sum over tokens, summed here) and per-token arrays.
     """
     inputs = tuple(a for a in args if a is not None)
     mesh = replicated(*inputs).mesh
@@ -243,10 +370,20 @@ def partitioned(fn: Callable, args: tuple, kinds: tuple[str, ...]):
     if not rows and not cols:
         return fn(*args, None)
     name = None if not cols else cols[0] if len(cols) == 1 else cols
+
+    def shard(args):
+        out = fn(*args, name)
+        if total and rows:
+            out = (lax.psum(out[0], rows), out[1])
+        return out
+
+    out_specs = PartitionSpec(row_spec)
+    if total:
+        out_specs = (PartitionSpec(), out_specs)
     kernel = jax.shard_map(
-        lambda args: fn(*args, name),
+        shard,
         mesh=mesh,
         in_specs=(tuple(PartitionSpec(*t) for t in layouts),),
-        out_specs=PartitionSpec(row_spec),
+        out_specs=out_specs,
     )
     return kernel(args)
