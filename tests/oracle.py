@@ -445,6 +445,34 @@ def ref_generalized_kl_divergence(xp, a, o, g):
 ref_convex_kl_divergence = ref_generalized_kl_divergence
 
 
+def _token_weighted(ref):
+    """``ref`` taking ``token_weights`` [K, R] (a fused head's option): each
+    token's loss scaled by its weight, a mean still over the counted tokens;
+    the weights get no gradient."""
+
+    def oracle(xp, a, o, g):
+        if "token_weights" not in a:
+            return ref(xp, a, o, g)
+        tw = a["token_weights"]
+        a = {k: v for k, v in a.items() if k != "token_weights"}
+        kept = xp.ones(a["labels"].shape, dtype=bool)
+        if "where" in a:
+            kept = kept & a["where"][..., 0]
+        if o.get("ignore_index") is not None:
+            kept = kept & (a["labels"] != o["ignore_index"])
+        count = xp.sum(kept, axis=1).astype(tw.dtype)
+        none = dict(o, reduction="none")
+        loss, _ = ref(xp, a, none, xp.ones_like(tw))
+        value = _reduce(xp, tw * loss, o["reduction"], count)
+        coef = _coef(xp, g, o["reduction"], (*tw.shape, 1), count)[..., 0] * tw
+        return value, ref(xp, a, none, coef)[1]
+
+    return oracle
+
+
+ref_linear_softmax_cross_entropy = _token_weighted(ref_linear_softmax_cross_entropy)
+ref_linear_softmax_distillation = _token_weighted(ref_linear_softmax_distillation)
+
 ORACLES = {
     name[len("ref_") :]: fn
     for name, fn in dict(globals()).items()

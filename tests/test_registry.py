@@ -52,6 +52,8 @@ OPTION_VALUES = {
     "teacher_bias": "array",
     "hard_weight": 0.5,
     "soft_weight": 0.7,
+    "token_weights": "array",
+    "low_memory": True,
 }
 # Options that select how, not what (reductions run for every case), or whose
 # own tests cover them: axis_name (tests/test_sharded.py, test_multihost.py),
@@ -131,6 +133,10 @@ def _case(name, option, reduction, seed=0):
         rows["where"] = mask
     elif option in ("weights", "bias", "teacher_bias"):
         rows[option] = rng.uniform(0.5, 2.0, size=(1, c))
+        kwargs[option] = rows[option][0]
+    elif option == "token_weights":
+        # Any sign: sample weights or per-token advantages.
+        rows[option] = rng.normal(size=(1, ROWS))
         kwargs[option] = rows[option][0]
     elif option == "pos_weight":
         rows[option] = rng.uniform(0.5, 2.0, size=(1, ROWS, c))
