@@ -882,4 +882,10 @@ def _materialized_sum(h, w, b, y, counted, in_range, coef, axis_name, opts: _Opt
 
 
 _LINEAR = Rule(_fused, _materialized, diff=(0, 1, 2), exclude=6)
-_LINEAR_SUM = Rule(_fused_sum, _materialized_sum, diff=(0, 1, 2), exclude=7)
+_LINEAR_SUM = Rule(
+    # Under jit: eager shard_map does not take custom_vjp's symbolic_zeros.
+    jax.jit(_fused_sum, static_argnums=(7, 8)),
+    _materialized_sum,
+    diff=(0, 1, 2),
+    exclude=7,
+)

@@ -873,4 +873,10 @@ def _materialized_sum(h, w, b, th, tw, tb, y, counted, in_range, coef, axis_name
 
 
 _DISTILL = Rule(_fused, _materialized, diff=(0, 1, 2), exclude=9)
-_DISTILL_SUM = Rule(_fused_sum, _materialized_sum, diff=(0, 1, 2), exclude=10)
+_DISTILL_SUM = Rule(
+    # Under jit: eager shard_map does not take custom_vjp's symbolic_zeros.
+    jax.jit(_fused_sum, static_argnums=(10, 11)),
+    _materialized_sum,
+    diff=(0, 1, 2),
+    exclude=10,
+)

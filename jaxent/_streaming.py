@@ -265,8 +265,10 @@ def forward_grads(h, w, b, rows, outs, chunk_fn, *, block_n: int, need, dh_dtype
         jnp.zeros((d, v), acc) if want_dw else None,
         jnp.zeros((v,), acc) if want_db else None,
     )
+    # The per-token outputs are reduced over a vocab-parallel axis in the
+    # chunk: they vary like the tokens (``h``), not like the weight's columns.
     init = (
-        tuple(None if a is None else vary(a, axes) for a in init[0]),
+        tuple(None if a is None else vary(a, vma(h)) for a in init[0]),
         *(None if a is None else vary(a, axes) for a in init[1:]),
     )
     return blocked(n, block_n, chunk, init)

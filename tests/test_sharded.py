@@ -783,3 +783,56 @@ def test_two_input_gradients_in_shard_map(name, replicated):
     for g, rg in zip(grads, ref_grads, strict=True):
         assert g.shape == rg.shape
         assert_close(g, rg, "float32", kind="grad")
+
+
+def _head_losses():
+    """The two fused heads (mean over counted tokens), as functions of
+    ``(hidden, weight, teacher_weight, labels)``; ``hidden`` and the teacher's
+    hidden states are the same here (a self-distilled head)."""
+
+    def ce(h, w, tw, y):
+        return jaxent.linear_softmax_cross_entropy(h, w, y, reduction="mean")
+
+    def distill(h, w, tw, y):
+        return jaxent.linear_softmax_distillation(
+            h, w, h, tw, y, hard_weight=0.5, reduction="mean"
+        )
+
+    return {"linear_softmax_cross_entropy": ce, "linear_softmax_distillation": distill}
+
+
+@multi_device
+@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("name", sorted(_head_losses()))
+def test_auto_partitioning_keeps_the_fused_head_vocab_sharded(name, devices):
+    """Plain ``jax.jit`` on an Auto mesh with the weights sharded by columns:
+    the default path (gradient in the forward pass over token chunks of full
+    rows) never gathers a weight, returns ``d weight`` sharded like the
+    weight, and matches one device. Several token chunks and 4096 columns, so
+    that a vocabulary-blocked loop would have to slice the sharded axis."""
+    n, d, v = 1024, 8, 4096
+    mesh = jax.make_mesh(
+        (devices,),
+        ("model",),
+        axis_types=(AxisType.Auto,),
+        devices=jax.devices()[:devices],
+    )
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w, tw = (jnp.asarray(rng.normal(size=(d, v)) / 3, jnp.float32) for _ in range(2))
+    y = jnp.asarray(rng.integers(0, v, size=n)).at[:7].set(IGNORE)
+    cols = NamedSharding(mesh, P(None, "model"))
+    loss = _head_losses()[name]
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    args = (h, jax.device_put(w, cols), jax.device_put(tw, cols), y)
+    compiled = step.lower(*args).compile()
+    found = _collectives(compiled.as_text())
+    assert found and all(op == "all-reduce" for op, _ in found), found
+    # Per-token statistics, d hidden ([N, D]) and scalars; nothing V-sized.
+    assert all(max(sizes) <= n * d for _, sizes in found), found
+    assert compiled.output_shardings[1][1].spec == P(None, "model")
+    value, (dh, dw) = step(*args)
+    want, (want_dh, want_dw) = jax.jit(jax.value_and_grad(loss, (0, 1)))(h, w, tw, y)
+    assert_close(value, want)
+    assert_close(dh, want_dh, kind="grad")
+    assert_close(dw, want_dw, kind="grad")
