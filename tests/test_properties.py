@@ -155,6 +155,7 @@ class Drawn:
     bias: bool = False
     teacher_hidden: int = 0  # linear_softmax_distillation: the teacher's D
     teacher_bias: bool = False
+    token_weights: bool = False  # the linear heads' per-token weights
 
 
 def _quantize(a, dtype):
@@ -283,6 +284,11 @@ def make_inputs(d: Drawn, seed: int, k: int):
                 labels = np.where(rng.random(labels.shape) < frac, ignore, labels)
             rows["labels"] = labels.astype(np.int32)
             native["labels"] = rows["labels"].reshape(k, *lay.batch)
+            if d.token_weights:
+                # Any sign (sample weights, advantages), some exactly 0.
+                tw = rng.standard_normal(shp[:2]) * (rng.random(shp[:2]) > 0.1)
+                rows["token_weights"] = q(tw)
+                native["token_weights"] = rows["token_weights"].reshape(k, *lay.batch)
         elif name in ("sigmoid_binary_cross_entropy", "sigmoid_focal_loss"):
             x = _logits(rng, shp)
             y = np.where(
@@ -392,6 +398,7 @@ def drawn_linear(draw, name, dtype):
     d = Drawn(name, dtype, lay, {})
     d.hidden = draw(st.sampled_from(HIDDEN))
     d.bias = draw(st.booleans())
+    d.token_weights = draw(st.booleans())
     if draw(st.booleans()):
         d.where = "batch"
     if name == "linear_softmax_cross_entropy":
@@ -408,6 +415,9 @@ def drawn_linear(draw, name, dtype):
     d.opts["ignore_index"] = draw(st.sampled_from([None, -100, 0]))
     d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     d.opts["block_size"] = draw(st.sampled_from([None, 4, (2, 8)]))
+    if d.opts["reduction"] != "none":
+        # The recompute path, else the gradient in the forward pass.
+        d.opts["low_memory"] = draw(st.booleans())
     return d
 
 
