@@ -1,6 +1,6 @@
 """Distill a byte-level language model into a smaller one with the fused head.
 
-Same corpus and model code as ``examples/train_char_lm.py`` (imported from it):
+Same corpus and model code as ``examples/train_char_lm.py`` (``_char_lm.py``):
 the Python standard library's own sources read as bytes, a tiny decoder-only
 transformer. The script
 
@@ -31,16 +31,12 @@ Usage::
 import argparse
 import sys
 import time
-from pathlib import Path
 
+import _char_lm as lm
 import jax
-import matplotlib
 import numpy as np
-import optax
+from _plotting import save_curves
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_char_lm as lm  # the model code of the sibling example
 
 import jaxent
 
@@ -112,19 +108,9 @@ def validation(cfg, val_batches):
 def train(name, loss, params, cfg, steps, train_data, validate, eval_every, seed):
     """AdamW with warm-up + cosine (train_char_lm's), on batches drawn from
     ``seed``; returns the parameters and the validation curve [(step, loss)]."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, 3e-3, max(1, steps // 10), steps, 3e-4
-    )
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01)
-    )
+    optimizer = lm.make_optimizer(3e-3, steps)
     opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+    step = lm.make_step(optimizer, loss)
 
     rng = np.random.default_rng(seed)
     curve = [(0, validate(params))]
@@ -143,26 +129,6 @@ def train(name, loss, params, cfg, steps, train_data, validate, eval_every, seed
                     f"validation {curve[-1][1]:.3f}"
                 )
     return params, curve
-
-
-def save_plot(path, curves):
-    # Headless backend, chosen before pyplot is imported: CI has no display.
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, curve in curves.items():
-        # From the first evaluation on: the untrained models' ~log(256) at
-        # step 0 would flatten the rest.
-        steps, values = zip(*curve[1:], strict=True)
-        ax.plot(steps, values, marker="o", ms=3, lw=1.2, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation cross-entropy (nats / byte)")
-    ax.set_title("byte-level LM: distillation with the fused jaxent head")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def parse_args(argv=None):
@@ -233,13 +199,23 @@ def main(argv=None):
     gain = final["student, labels only"] - final["student, distilled"]
     print(f"distillation gain: {gain:+.4f} nats/byte")
     teacher_label = f"teacher (width {t_cfg['width']}, {t_cfg['layers']} layers)"
-    save_plot(
+    curves = {
+        teacher_label: teacher_curve,
+        "student, labels only": labels_curve,
+        f"student, distilled (beta={BETA}, T={TEMPERATURE})": distill_curve,
+    }
+    # From the first evaluation on: the untrained models' ~log(256) at step 0
+    # would flatten the rest.
+    save_curves(
         args.out,
         {
-            teacher_label: teacher_curve,
-            "student, labels only": labels_curve,
-            f"student, distilled (beta={BETA}, T={TEMPERATURE})": distill_curve,
+            label: (*zip(*curve[1:], strict=True), dict(marker="o", ms=3, lw=1.2))
+            for label, curve in curves.items()
         },
+        xlabel="step",
+        ylabel="validation cross-entropy (nats / byte)",
+        title="byte-level LM: distillation with the fused jaxent head",
+        figsize=(6.5, 4),
     )
     print(f"curves saved to {args.out}; time {time.perf_counter() - start:.1f} s")
     if not args.quick and gain <= 0:

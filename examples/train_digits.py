@@ -24,9 +24,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
+from _plotting import save_curves
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
@@ -79,24 +79,6 @@ def make_step(optimizer):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
-
-
-def save_curve(path, train_losses, test_losses):
-    # Headless backend, chosen before pyplot is imported: CI has no display.
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = np.arange(1, len(train_losses) + 1)
-    ax.plot(epochs, train_losses, label="train (mean over batches)")
-    ax.plot(epochs, test_losses, label="test")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"cross-entropy (label smoothing {LABEL_SMOOTHING})")
-    ax.set_title("MLP on 8x8 digits, jaxent loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def parse_args(argv=None):
@@ -174,7 +156,17 @@ def main(argv=None):
                 )
 
     test_acc = float(accuracy(params, x_test_j, y_test_j))
-    save_curve(args.out, train_losses, test_losses)
+    epoch_numbers = np.arange(1, epochs + 1)
+    save_curves(
+        args.out,
+        {
+            "train (mean over batches)": (epoch_numbers, train_losses),
+            "test": (epoch_numbers, test_losses),
+        },
+        xlabel="epoch",
+        ylabel=f"cross-entropy (label smoothing {LABEL_SMOOTHING})",
+        title="MLP on 8x8 digits, jaxent loss",
+    )
     elapsed = time.perf_counter() - start
     print(f"test accuracy {test_acc:.4f} (bar {bar})  time {elapsed:.1f} s")
     print(f"loss curve saved to {args.out}")

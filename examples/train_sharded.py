@@ -43,19 +43,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
-from train_char_lm import (
+from _char_lm import (
     BLOCK_SIZE,
     QUICK,
     VOCAB,
-    attention,
     init_params,
     load_corpus,
-    rms_norm,
+    make_step,
     sample_batch,
+    trunk,
 )
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 import jaxent
 
@@ -66,15 +66,12 @@ TOLERANCE = 1e-4
 
 
 def features(params, tokens, heads):
-    """``train_char_lm.features`` with the byte embedding taken as a one-hot
+    """``_char_lm.features`` with the byte embedding taken as a one-hot
     matmul: indexing a replicated table with batch-sharded ids is a gather
     whose output sharding an explicit mesh asks the caller to spell out."""
     onehot = jax.nn.one_hot(tokens, VOCAB, dtype=params["embed"].dtype)
     x = onehot @ params["embed"] + params["pos"][: tokens.shape[1]]
-    for blk in params["blocks"]:
-        x = x + attention(rms_norm(x, blk["norm1"]), blk["qkv"], blk["proj"], heads)
-        x = x + jax.nn.gelu(rms_norm(x, blk["norm2"]) @ blk["up"]) @ blk["down"]
-    return rms_norm(x, params["norm"])
+    return trunk(params, x, heads)
 
 
 def loss_fn(params, batch, heads):
@@ -96,16 +93,6 @@ def param_specs(params):
     specs = jax.tree.map(lambda _: P(), params)
     specs["head_w"], specs["head_b"] = P(None, "model"), P("model")
     return specs
-
-
-def make_step(optimizer, loss):
-    @jax.jit
-    def step(params, opt_state, batch):
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step
 
 
 def shard_map_loss(mesh, params, heads):
@@ -134,10 +121,20 @@ def shard_map_loss(mesh, params, heads):
     )
 
 
-def place(tree, mesh, specs):
-    return jax.tree.map(
-        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, specs
+def place(mesh, params, optimizer, batches):
+    """The parameters (``param_specs``), a fresh optimizer state and the batches
+    (split over ``data``) on ``mesh``."""
+    specs = param_specs(params)
+    params = jax.tree.map(
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs
     )
+    # Made under the mesh, the state's step count (a scalar) is replicated on
+    # it, as the step returns it; made on one device, it would make the step's
+    # second call compile again for the new sharding.
+    with jax.set_mesh(mesh):
+        opt_state = optimizer.init(params)
+    batches = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in batches]
+    return params, opt_state, batches
 
 
 def collectives(step, *args):
@@ -150,7 +147,9 @@ def collectives(step, *args):
         found.setdefault(op, set()).update(
             re.findall(r"[a-z]+[0-9]*\[[0-9,]*\]", shapes)
         )
-    return {op: sorted(shapes, key=len) for op, shapes in found.items()}
+    return {
+        op: sorted(shapes, key=lambda s: (len(s), s)) for op, shapes in found.items()
+    }
 
 
 def run(name, step, params, opt_state, batches, context):
@@ -192,7 +191,6 @@ def main(argv=None):
     ]
     params = init_params(jax.random.key(args.seed), cfg)
     optimizer = optax.adam(3e-3)
-    specs = param_specs(params)
 
     def loss(params, batch):
         return loss_fn(params, batch, heads)
@@ -203,21 +201,16 @@ def main(argv=None):
     ]
 
     auto = jax.make_mesh(MESH_SHAPE, ("data", "model"), (AxisType.Auto,) * 2)
-    p = place(params, auto, specs)
-    b = [jax.device_put(x, NamedSharding(auto, P("data"))) for x in batches]
-    results.append(run("auto", plain, p, optimizer.init(p), b, nullcontext()))
+    state = place(auto, params, optimizer, batches)
+    results.append(run("auto", plain, *state, nullcontext()))
 
     explicit = jax.make_mesh(MESH_SHAPE, ("data", "model"), (AxisType.Explicit,) * 2)
-    p = place(params, explicit, specs)
-    b = [jax.device_put(x, NamedSharding(explicit, P("data"))) for x in batches]
-    with jax.set_mesh(explicit):
-        opt_state = optimizer.init(p)
-    results.append(run("explicit", plain, p, opt_state, b, jax.set_mesh(explicit)))
+    state = place(explicit, params, optimizer, batches)
+    results.append(run("explicit", plain, *state, jax.set_mesh(explicit)))
 
     manual = make_step(optimizer, shard_map_loss(auto, params, heads))
-    p = place(params, auto, specs)
-    b = [jax.device_put(x, NamedSharding(auto, P("data"))) for x in batches]
-    results.append(run("shard_map", manual, p, optimizer.init(p), b, nullcontext()))
+    p, opt_state, b = place(auto, params, optimizer, batches)
+    results.append(run("shard_map", manual, p, opt_state, b, nullcontext()))
 
     print(
         f"byte-level LM, width {cfg['width']}, {cfg['layers']} layers, batch "
@@ -238,7 +231,7 @@ def main(argv=None):
         f"  [{tokens}] the head's per-token statistics, [{tokens},{cfg['width']}] "
         "its d hidden;\n  parameter-shaped: the data-parallel gradient sums"
     )
-    for op, shapes in collectives(manual, p, optimizer.init(p), b[0]).items():
+    for op, shapes in collectives(manual, p, opt_state, b[0]).items():
         print(f"    {op}: {' '.join(shapes)}")
     print(f"time {time.perf_counter() - start:.1f} s")
     if worst > TOLERANCE:

@@ -5,6 +5,8 @@ rule (the analytic ``softmax(x) - y`` family). :mod:`jaxent.reference` holds the
 same functions in plain JAX, for forward-mode differentiation.
 """
 
+from importlib import metadata as _metadata
+
 from . import reference as reference
 from ._cross_entropy import poly_loss_cross_entropy as poly_loss_cross_entropy
 from ._cross_entropy import safe_softmax_cross_entropy as safe_softmax_cross_entropy
@@ -33,7 +35,11 @@ from ._linear_distill import (
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("jaxent")
+except _metadata.PackageNotFoundError:
+    # Imported from a source tree that was never installed: no metadata.
+    __version__ = "0+unknown"
 
 __all__ = [
     "LinearCrossEntropyAux",
