@@ -424,6 +424,7 @@ def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts
         raw,
         counted,
         in_range,
+        _acc(h, th),
         axis_name,
         opts,
         lambda stats: per_platform_tile(sums, h, w, b, th, tw, tb, stats),
@@ -431,12 +432,11 @@ def _fused_fwd(h, w, b, th, tw, tb, y, counted, in_range, axis_name, opts: _Opts
     return loss, (h, w, b, th, tw, tb, y, counted, in_range, stats)
 
 
-def _finish(raw, counted, in_range, axis_name, opts: _Opts, divergence_sums):
+def _finish(raw, counted, in_range, acc, axis_name, opts: _Opts, divergence_sums):
     """Per-token losses and :class:`_Stats` from pass 1's per-token statistics
     of this shard's columns (:func:`_pass1`); ``divergence_sums(stats)`` gives
     this shard's ``(KL(q || M), KL(p || M))`` sums for ``0 < beta < 1``."""
     ms, ss, mt, st, m1, s1, ty, ka = raw
-    acc = ty.dtype if ty is not None else ss.dtype
     stats = _Stats(*[None] * 8)
     loss = jnp.zeros(counted.shape, acc)
     if opts.soft:
@@ -768,7 +768,7 @@ def _sum_grads(
                 jnp.sum(e, 1) for e in _divergence_terms(lq, lp, rb[0] * 0, opts)
             )
 
-        loss, stats = _finish(raw, cb, ib, axis_name, opts, divergence_sums)
+        loss, stats = _finish(raw, cb, ib, acc, axis_name, opts, divergence_sums)
         st = _Stats(*(None if a is None else a[:, None] for a in stats))
         return _student_grad(x, tanh, t, yb[:, None], 0, gb[:, None], st, opts), (loss,)
 
