@@ -21,7 +21,7 @@ from ._args import (
 )
 from ._backend import fusion_barrier
 from ._define import Rule, loss
-from ._numerics import dweight, mul0, mul0_nonneg, safe_log, sum_to_shape, upcast
+from ._numerics import dweight, mul0, mul0_nonneg, sum_to_shape, upcast
 from ._reduction import reduce_loss
 
 
@@ -248,6 +248,39 @@ class _FocalOpts(NamedTuple):
     gamma_array: bool = False
 
 
+# Below this u = 1 - p_t (labels within 2 * _SMALL_U of 0 or 1, logits on the
+# side where p_t -> 1), log u and the backward's ratios by u are formed from
+# v = u (1 + e) instead: a quotient by u squares u in its own derivative, which
+# underflows (float32 at |x| ~ 50) and made Hessians NaN. Above it, u**2 >=
+# 2**-40.
+_SMALL_U = 2.0**-20
+
+
+class _SmallU(NamedTuple):
+    """Where ``u < _SMALL_U`` (``mask``), with ``e = exp(-|x|)``, ``q`` the
+    label weight of the larger sigmoid (``1 - y`` for ``x >= 0``, else ``y``)
+    and ``v = q + (1 - q) e = u (1 + e) >= e``: there ``q < 2 * _SMALL_U``
+    and ``e < _SMALL_U (1 + e) / (1 - q)`` are small."""
+
+    mask: jax.Array
+    zero: jax.Array  # mask and q = 0: v = e, log v = -|x| even where e underflows
+    ax: jax.Array  # |x|
+    e: jax.Array
+    q: jax.Array
+    log_v: jax.Array  # log v where mask, log u elsewhere (one log for both)
+
+
+def _small_u(xf, y, u) -> _SmallU:
+    mask = (u >= 0) & (u < _SMALL_U)
+    ax = jnp.abs(xf)
+    e = jnp.exp(-ax)
+    q = jnp.where(xf >= 0, 1 - y, y)
+    zero = mask & (q == 0)
+    arg = jnp.where(mask, jnp.where(zero, 1.0, q + (1 - q) * e), u)
+    log_v = jnp.where(zero, -ax, jnp.log(arg))
+    return _SmallU(mask, zero, ax, e, q, log_v)
+
+
 class _FocalTerms(NamedTuple):
     """Elementwise pieces of the focal loss, in the compute dtype."""
 
@@ -258,7 +291,7 @@ class _FocalTerms(NamedTuple):
     sig_neg: jax.Array  # sigmoid(-x)
     ce: jax.Array  # y softplus(-x) + (1 - y) softplus(x), 0 log 0 = 0
     u: jax.Array  # 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x)
-    tiny: jax.Array  # u below the smallest normal float
+    small: _SmallU | None  # None: gamma = 0
     w: jax.Array | None  # u**gamma (None: gamma = 0)
     a: jax.Array | None  # alpha_t (None: no alpha)
     log_u: jax.Array | None  # log u, exact where u underflows (None: gamma = 0)
@@ -281,16 +314,15 @@ def _focal_terms(opts: _FocalOpts, x, y_in, alpha, gamma) -> _FocalTerms:
     sig_pos, sig_neg = _sigmoid_pair(xf)
     ce = mul0_nonneg(y, sp_neg) + mul0_nonneg(1 - y, sp_pos)
     u = y * sig_neg + (1 - y) * sig_pos
-    # u >= (1 - y) sigmoid(x) + y sigmoid(-x) >= min(y, 1 - y) / 2: for labels
-    # in [0, 1] it underflows only where y is 0 (x < 0) or 1 (x > 0), and then
-    # it is sigmoid(-|x|), whose log -softplus(|x|) is exact.
-    tiny = (u >= 0) & (u < jnp.finfo(u.dtype).tiny)
     alpha, gamma = _focal_coefs(opts, alpha, gamma, xf.dtype)
-    w = log_u = None
+    small = w = log_u = None
     if gamma is not None:
-        log_u = jnp.where(
-            tiny, -jnp.maximum(sp_pos, sp_neg), jnp.log(jnp.where(tiny, 1.0, u))
-        )
+        # u >= min(y, 1 - y) / 2: for labels in [0, 1] it is small only near
+        # y = 0 (x < 0) or y = 1 (x > 0), where log u = log v - log1p(e) and
+        # log1p(e) = e (1 - e / 2) to within e**3 / 3.
+        small = _small_u(xf, y, u)
+        e = small.e
+        log_u = jnp.where(small.mask, small.log_v - e * (1 - e / 2), small.log_v)
         w = jnp.exp(gamma * log_u)
         if opts.gamma_array:
             w = jnp.where(gamma == 0, 1.0, w)  # u**0 = 1, at u = 0 too
@@ -298,8 +330,28 @@ def _focal_terms(opts: _FocalOpts, x, y_in, alpha, gamma) -> _FocalTerms:
     if alpha is not None:
         a = alpha * y + (1 - alpha) * (1 - y)
     return _FocalTerms(
-        y, sp_pos, sp_neg, sig_pos, sig_neg, ce, u, tiny, w, a, log_u, alpha, gamma
+        y, sp_pos, sp_neg, sig_pos, sig_neg, ce, u, small, w, a, log_u, alpha, gamma
     )
+
+
+def _focal_ratios(t: _FocalTerms):
+    """``(sigmoid(x) sigmoid(-x) / u, ce / u)``, with derivatives free of
+    ``1 / u**2``. Where ``u`` is small they come from ``rho = e / v = exp(-|x|
+    - log v)`` (1 where ``q = 0``) and ``q / v = 1 - (1 - q) rho``: ``r = rho /
+    (1 + e)`` and, as ``ce = log1p(e) + q |x|`` there, ``ce / u = (1 + e)
+    (log1p(e) / e * rho + |x| q / v)`` with ``log1p(e) / e = 1 - e / 2 + e**2
+    / 3`` to within ``e**3 / 4``."""
+    sm = t.small
+    # Its argument is 0 (rho = 1) where q = 0 and outside the mask.
+    rho = jnp.exp(jnp.where(sm.mask & ~sm.zero, -sm.ax - sm.log_v, 0.0))
+    q_v = 1 - (1 - sm.q) * rho
+    ax = jnp.where(sm.zero, 0.0, sm.ax)  # q / v = 0 there, |x| may be inf
+    log1p_e_over_e = 1 - sm.e * (0.5 - sm.e / 3)
+    ce_u_small = (1 + sm.e) * (log1p_e_over_e * rho + ax * q_v)
+    safe_u = jnp.where(sm.mask, 1.0, t.u)
+    r = jnp.where(sm.mask, rho / (1 + sm.e), t.sig_pos * t.sig_neg / safe_u)
+    ce_u = jnp.where(sm.mask, ce_u_small, t.ce / safe_u)
+    return r, ce_u
 
 
 # alpha and gamma are the arrays given (opts.alpha_array, opts.gamma_array) or
@@ -327,14 +379,8 @@ def _focal_bwd(opts, res, g):
     if t.w is not None:
         # d log u / d x = r (1 - 2y) and d log u / d y = (sigmoid(-x) -
         # sigmoid(x)) / u, with r = sigmoid(x) sigmoid(-x) / u <= 1 and
-        # ce / u bounded; where u underflows (y = 0 or 1) they are their limits.
-        safe_u = jnp.where(t.tiny, 1.0, t.u)
-        r = jnp.where(
-            t.tiny,
-            jnp.maximum(t.sig_pos, t.sig_neg),
-            t.sig_pos * t.sig_neg / safe_u,
-        )
-        ce_u = jnp.where(t.tiny, 1.0, t.ce / safe_u)
+        # ce / u bounded; both are formed without dividing by a small u.
+        r, ce_u = _focal_ratios(t)
         dx = t.w * dx + gamma * t.w * mul0(r * (1 - 2 * y), t.ce)
         dy = mul0(t.w, dy) + gamma * t.w * ce_u * (t.sig_neg - t.sig_pos)
     ce_w = t.ce if t.w is None else t.ce * t.w
