@@ -162,6 +162,7 @@ FOCAL_COEFS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_focal_second_derivative_at_extreme_logits(dtype):
     x64, y64 = _focal_grid()
