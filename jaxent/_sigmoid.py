@@ -207,12 +207,14 @@ def sigmoid_focal_loss(
       label gives ``+inf``; NaN logits give NaN. A ``jax.custom_vjp``:
       ``jax.jvp`` of it fails, use :mod:`jaxent.reference` for forward mode;
       Hessians and ``jax.jvp(jax.grad(f))`` work (the rule's backward is plain
-      JAX). Gradients w.r.t. ``alpha`` ``(2y - 1) w BCE`` and w.r.t. ``gamma``
-      ``alpha_t w log(u) BCE`` (0 where ``w BCE`` is 0), summed to their
-      shapes. A concrete Python number ``alpha`` or ``gamma`` is compiled in as
-      a constant (``gamma = 0`` and ``alpha = None`` skip their terms) and
-      checked (``alpha`` in ``[0, 1]``, ``gamma`` finite and ``>= 0``), as is a
-      concrete array; traced ones are not checked (nor are they by optax).
+      JAX, with no quotient by a small ``u``: they stay finite and accurate at
+      extreme logits, for any ``gamma``). Gradients w.r.t. ``alpha`` ``(2y -
+      1) w BCE`` and w.r.t. ``gamma`` ``alpha_t w log(u) BCE`` (0 where ``w
+      BCE`` is 0), summed to their shapes. A concrete Python number ``alpha``
+      or ``gamma`` is compiled in as a constant (``gamma = 0`` and ``alpha =
+      None`` skip their terms) and checked (``alpha`` in ``[0, 1]``, ``gamma``
+      finite and ``>= 0``), as is a concrete array; traced ones are not
+      checked (nor are they by optax).
     """
     fn = "sigmoid_focal_loss"
     x = as_float(fn, "logits", logits)
