@@ -10,8 +10,6 @@ from importlib import metadata as _metadata
 from . import reference as reference
 from ._cross_entropy import poly_loss_cross_entropy as poly_loss_cross_entropy
 from ._cross_entropy import safe_softmax_cross_entropy as safe_softmax_cross_entropy
-from ._cross_entropy import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
-from ._cross_entropy import sigmoid_focal_loss as sigmoid_focal_loss
 from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from ._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
@@ -32,6 +30,8 @@ from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entrop
 from ._linear_distill import (
     linear_softmax_distillation as linear_softmax_distillation,
 )
+from ._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from ._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
 

@@ -3,6 +3,7 @@ and what was expected."""
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -228,3 +229,49 @@ def loss_mask(
         f"{fn}: `where` must have the logits' shape {logits_shape} (a class mask) "
         f"or the batch shape {rows} (an example mask); got {describe(where)}."
     )
+
+
+def static_finite(fn: str, name: str, value, low: float = -math.inf) -> float:
+    """A static finite Python number ``>= low`` (``epsilon``, ``gamma``)."""
+    value = static_number(fn, name, value)
+    if not (math.isfinite(value) and value >= low):
+        bound = "" if low == -math.inf else f" and >= {low:g}"
+        raise ValueError(f"{fn}: `{name}` must be finite{bound}; got {value!r}.")
+    return value
+
+
+def coefficient(fn: str, name: str, value, shape, dtype, check):
+    """A loss coefficient (``epsilon``, ``alpha``, ``gamma``) as optax takes it:
+    ``(static, None)`` for a concrete Python or NumPy scalar (a static Python
+    float that selects the compiled program, checked by ``check``), else
+    ``(None, array)`` for an array-like broadcastable to ``shape`` (traced
+    values included, which are not checked; concrete arrays are), floating.
+    """
+    if not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0:
+        return check(fn, name, value), None
+    if not isinstance(value, jax.core.Tracer):
+        # Concrete: checked at its extremes (NaN propagates to both).
+        a = np.asarray(value)
+        if a.size and jnp.issubdtype(a.dtype, jnp.number):
+            check(fn, name, a.min().item())
+            check(fn, name, a.max().item())
+    value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(dtype)
+    try:
+        ok = jnp.broadcast_shapes(value.shape, shape) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn}: `{name}` must be a scalar or broadcast to {tuple(shape)}; "
+            f"got {describe(value)}."
+        )
+    return None, value
+
+
+def broadcast_labels(fn: str, labels, x: jax.Array) -> jax.Array:
+    """Labels broadcast to the logits' shape, as optax allows (their gradient
+    is summed back by the broadcast's transpose)."""
+    check_broadcasts(fn, "labels", labels, x.shape)
+    return jnp.broadcast_to(labels, x.shape)

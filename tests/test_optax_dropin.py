@@ -1,8 +1,9 @@
 """optax's own tests of its classification losses, run unchanged against jaxent.
 
 Every function whose name ``optax.losses`` has is swapped into optax's module,
-and the test classes that exercise those functions run as optax wrote them:
-"swap the import and nothing else changes". The one allowed difference is
+and the test classes that exercise those functions run as optax wrote them and
+runs them (JAX's default float32 and dtype promotion): "swap the import and
+nothing else changes". The one allowed difference is
 forward mode of the loss itself (``jax.jvp``, ``check_grads(modes=["fwd"])``),
 which a ``custom_vjp`` cannot do by design (``jaxent.reference`` can); each
 such optax test is listed in ``FORWARD_MODE`` and must fail with JAX's
@@ -11,6 +12,8 @@ custom_vjp error, not another.
 
 from __future__ import annotations
 
+import inspect
+import re
 import unittest
 import warnings
 import zlib
@@ -81,6 +84,17 @@ def test_every_optax_name_is_swapped():
         assert hasattr(optax_tests, cls), cls
 
 
+def test_every_optax_test_class_of_a_swapped_name_runs():
+    """The rest of optax's classification test file (hinge, sparsemax,
+    perceptron, CTC) names none of the swapped functions."""
+    for name, cls in vars(optax_tests).items():
+        if not (isinstance(cls, type) and issubclass(cls, unittest.TestCase)):
+            continue
+        source = inspect.getsource(cls)
+        calls = [f for f in SWAPPED if re.search(rf"\b{f}\b", source)]
+        assert name in CLASSES or not calls, (name, calls)
+
+
 @pytest.mark.parametrize("test", list(_tests()))
 def test_optax_test_passes_with_jaxent(test, jaxent_in_optax):
     result = unittest.TestResult()
@@ -88,10 +102,16 @@ def test_optax_test_passes_with_jaxent(test, jaxent_in_optax):
     # test makes a failure reproducible (an all-False random mask once gave an
     # empty class axis: test_empty_class_axis_matches_optax covers it always).
     np.random.seed(zlib.crc32(_name(test).encode()))
-    # optax's tests mix float32 and float64 NumPy arrays in their own
-    # arithmetic: they run under JAX's default promotion, not the strict one
-    # of jaxent's suite (tests/conftest.py).
-    with warnings.catch_warnings(), jax.numpy_dtype_promotion("standard"):
+    # optax's tests run under JAX's defaults, not the float64 and strict
+    # promotion of jaxent's suite (tests/conftest.py): they mix float32 and
+    # float64 NumPy arrays in their own arithmetic, and their arrays are
+    # float32 (in float64, test_extreme_logits_finite_gradients passed while
+    # its float32 Hessian was NaN).
+    with (
+        warnings.catch_warnings(),
+        jax.numpy_dtype_promotion("standard"),
+        jax.enable_x64(False),
+    ):
         warnings.simplefilter("default")
         test.run(result)
     problems = result.errors + result.failures
