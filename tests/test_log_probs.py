@@ -378,3 +378,45 @@ def test_bad_tokens():
         FUSED(h, w, tokens.astype(jnp.float64))
     with pytest.raises(ValueError, match="`tokens` must have hidden's leading shape"):
         FUSED(h, w, tokens[0])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e7])
+def test_equal_logits_at_large_offsets_give_exactly_log_v(dtype, offset):
+    # Every logit equal (zero weight, a constant bias) over several vocabulary
+    # blocks: log p = -log V and H = log V, whatever the offset.
+    h = jnp.ones((*BATCH, D), dtype)
+    w = jnp.zeros((D, V), dtype)
+    b = jnp.full((V,), offset, dtype)
+    _, _, _, tokens, _ = _problem(10)
+    lp, ent = FUSED(h, w, tokens, bias=b, return_entropy=True, block_size=(3, 5))
+    assert_close(lp, np.full(BATCH, -np.log(V)))
+    assert_close(ent, np.full(BATCH, np.log(V)))
+
+
+@pytest.mark.parametrize("order", ["rising", "falling"])
+def test_running_sums_across_blocks_whose_max_jumps(order):
+    # Logits spread over [-3000, 0] across vocabulary blocks of 5: where the
+    # max rises, every earlier block's terms underflow (their rescale is 0).
+    h, w, _, tokens, where = _problem(11)
+    b = jnp.linspace(-3000.0, 0.0, V)
+    b = b if order == "rising" else b[::-1]
+    kw = dict(
+        bias=b, where=where, temperature=2.0, return_entropy=True, block_size=(3, 5)
+    )
+
+    def f(fn):
+        def scalar(h, w, b):
+            lp, ent = fn(h, w, tokens, **dict(kw, bias=b))
+            lp = jnp.where(jnp.isfinite(lp), lp, 0.0)
+            return jnp.sum(jnp.sin(lp)) + jnp.sum(ent**2), (lp, ent)
+
+        return jax.value_and_grad(scalar, (0, 1, 2), has_aux=True)(h, w, b)
+
+    (_, (lp, ent)), grads = jax.jit(lambda: f(FUSED))()
+    (_, (want_lp, want_ent)), want_grads = jax.jit(lambda: f(TWIN))()
+    assert_close(lp, want_lp)
+    assert_close(ent, want_ent)
+    for g, e in zip(grads, want_grads, strict=True):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert_close(g, e, kind="grad")
