@@ -126,7 +126,8 @@ def linear_log_probs(
       return_entropy: also return each token's entropy ``H_i`` (a static
         bool); it costs no extra matmul.
       where: optional boolean token mask of ``tokens``' shape; ``False`` gives
-        log-probability and entropy 0 and zero gradient for that token.
+        log-probability and entropy 0 and zero gradient for that token, whatever
+        its hidden state holds (NaN padding included).
       block_size: vocabulary block width ``block_v``, or a pair ``(block_n,
         block_v)``; ``None`` picks the tiles of
         :func:`linear_softmax_cross_entropy`'s XLA path (about ``2**20``
@@ -201,6 +202,10 @@ def linear_log_probs(
                 f"got {describe(where)}."
             )
         counted = where
+        # Excluded tokens' hidden states (padding may hold anything, NaN
+        # included) are replaced by zeros: nothing of them reaches a value or
+        # the d weight sum, and their own gradient is 0.
+        h = jnp.where(where[..., None], h, jnp.zeros((), h.dtype))
 
     batch, n, (d, v_local) = y.shape, int(np.prod(y.shape)), w.shape
     num_classes = v_local * (1 if axis_name is None else lax.axis_size(axis_name))

@@ -420,3 +420,24 @@ def test_running_sums_across_blocks_whose_max_jumps(order):
     for g, e in zip(grads, want_grads, strict=True):
         assert bool(jnp.all(jnp.isfinite(g)))
         assert_close(g, e, kind="grad")
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+def test_garbage_hidden_states_excluded_by_where_do_not_leak(fill):
+    # Padding's hidden states may hold anything: under `where` they change no
+    # value and no gradient (d weight and d bias included), and get 0.
+    h, w, b, tokens, where = _problem(12)
+    dirty = jnp.where(where[..., None], h, fill)
+
+    def f(h, w, b):
+        lp, ent = FUSED(h, w, tokens, bias=b, where=where, return_entropy=True)
+        return jnp.sum(jnp.exp(lp)) + jnp.sum(ent**2), (lp, ent)
+
+    run = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))
+    (_, clean), clean_grads = run(h, w, b)
+    (_, out), grads = run(dirty, w, b)
+    for a, e in zip(out, clean, strict=True):
+        assert_close(a, e)
+    for g, e in zip(grads, clean_grads, strict=True):
+        assert_close(g, e, kind="grad")
+    assert not bool(jnp.any(grads[0][~where]))
