@@ -30,6 +30,7 @@ from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entrop
 from ._linear_distill import (
     linear_softmax_distillation as linear_softmax_distillation,
 )
+from ._log_probs import linear_log_probs as linear_log_probs
 from ._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from ._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
 from ._softmax import log_softmax as log_softmax
@@ -49,6 +50,7 @@ __all__ = [
     "generalized_kl_divergence",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "linear_softmax_distillation",
     "log_softmax",

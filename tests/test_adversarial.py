@@ -1392,6 +1392,7 @@ BAD_OPTIONS = {
     ],
     "implementation": [("implementation unknown", "cuda", ValueError, "'cuda'")],
     "return_aux": [("return_aux not a bool", 1, TypeError, "1")],
+    "return_entropy": [("return_entropy not a bool", "yes", TypeError, "'yes'")],
 }
 # Options whose bad values only show inside shard_map (tests/test_sharded.py).
 NO_BAD_INPUT = ("axis_name",)

@@ -282,8 +282,9 @@ def make_inputs(d: Drawn, seed: int, k: int):
             if ignore is not None:
                 frac = rng.uniform(0, 0.5, size=(k, 1))
                 labels = np.where(rng.random(labels.shape) < frac, ignore, labels)
-            rows["labels"] = labels.astype(np.int32)
-            native["labels"] = rows["labels"].reshape(k, *lay.batch)
+            ids = "tokens" if name == "linear_log_probs" else "labels"
+            rows[ids] = labels.astype(np.int32)
+            native[ids] = rows[ids].reshape(k, *lay.batch)
             if d.token_weights:
                 # Any sign (sample weights, advantages), some exactly 0.
                 tw = rng.standard_normal(shp[:2]) * (rng.random(shp[:2]) > 0.1)
@@ -382,7 +383,11 @@ HIDDEN = (1, 3, 16)
 HARD_WEIGHTS = (0.0, 0.0, 0.5, 1.0)
 SOFT_WEIGHTS = (1.0, 1.0, 0.3, 0.0)
 SOFTCAPS = (None, None, 3.0, 30.0)
-LINEAR = ("linear_softmax_cross_entropy", "linear_softmax_distillation")
+LINEAR = (
+    "linear_softmax_cross_entropy",
+    "linear_softmax_distillation",
+    "linear_log_probs",
+)
 GAMMAS = (2.0, 0.0, 0.5, 1.0, 3.0)
 ALPHAS = (None, 0.25, 0.8)
 
@@ -398,12 +403,16 @@ def drawn_linear(draw, name, dtype):
     d = Drawn(name, dtype, lay, {})
     d.hidden = draw(st.sampled_from(HIDDEN))
     d.bias = draw(st.booleans())
-    d.token_weights = draw(st.booleans())
+    d.token_weights = name != "linear_log_probs" and draw(st.booleans())
     if draw(st.booleans()):
         d.where = "batch"
     if name == "linear_softmax_cross_entropy":
         d.opts["label_smoothing"] = draw(st.sampled_from(SMOOTHING))
         d.opts["z_loss"] = draw(st.sampled_from(Z_LOSS))
+    elif name == "linear_log_probs":
+        d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
+        d.opts["softcap"] = draw(st.sampled_from(SOFTCAPS))
+        d.opts["return_entropy"] = draw(st.booleans())
     else:
         d.teacher_hidden = draw(st.sampled_from(HIDDEN))
         d.teacher_bias = draw(st.booleans())
@@ -412,10 +421,11 @@ def drawn_linear(draw, name, dtype):
         d.opts["hard_weight"] = draw(st.sampled_from(HARD_WEIGHTS))
         d.opts["soft_weight"] = draw(st.sampled_from(SOFT_WEIGHTS))
         d.opts["softcap"] = draw(st.sampled_from(SOFTCAPS))
-    d.opts["ignore_index"] = draw(st.sampled_from([None, -100, 0]))
-    d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
+    if name != "linear_log_probs":  # tokens are masked with `where` only
+        d.opts["ignore_index"] = draw(st.sampled_from([None, -100, 0]))
+        d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     d.opts["block_size"] = draw(st.sampled_from([None, 4, (2, 8)]))
-    if d.opts["reduction"] != "none":
+    if d.opts.get("reduction", "none") != "none":
         # The recompute path, else the gradient in the forward pass.
         d.opts["low_memory"] = draw(st.booleans())
     return d
@@ -512,6 +522,7 @@ POSITIONAL = {
         "teacher_weight",
         "labels",
     ),
+    "linear_log_probs": ("hidden", "weight", "tokens"),
     "safe_softmax_cross_entropy": ("logits", "labels"),
     "poly_loss_cross_entropy": ("logits", "labels"),
     "sigmoid_focal_loss": ("logits", "labels"),
@@ -554,12 +565,25 @@ def _program(name, opts_items, keys):
         def loss(*d):
             args = {**arrays, **dict(zip(diff, d, strict=True))}
             pos = [args.pop(k) for k in POSITIONAL[name]]
-            return f(*pos, **args, **opts)
+            return _stacked(f(*pos, **args, **opts))
 
         out, vjp = jax.vjp(loss, *(arrays[k] for k in diff))
-        return out, dict(zip(diff, vjp(g), strict=True))
+        # Half-precision inputs may give float32 outputs (linear_log_probs).
+        return out, dict(zip(diff, vjp(g.astype(out.dtype)), strict=True))
 
     return jax.jit(jax.vmap(one))
+
+
+def _stacked(out):
+    """A function's outputs as one array: a tuple of per-row outputs (the
+    log-probabilities and entropy of ``linear_log_probs``) stacked on a last
+    axis, as the oracle returns them."""
+    return jnp.stack(out, -1) if isinstance(out, tuple) else out
+
+
+def _pair(d: Drawn) -> bool:
+    """Whether the output is a stacked pair of per-row outputs."""
+    return bool(d.opts.get("return_entropy"))
 
 
 ELEMENTWISE = (
@@ -577,10 +601,12 @@ def _output_rows(d: Drawn):
         return ()
     if d.name in ELEMENTWISE:
         return (lay.rows, lay.classes)
-    return (lay.rows,)
+    return (lay.rows, 2) if _pair(d) else (lay.rows,)
 
 
 def _out_to_native(d: Drawn, a):
+    if _pair(d):
+        return a.reshape(a.shape[0], *d.layout.batch, 2)
     if a.ndim == 3:
         return d.layout.from_rows(a)
     return a.reshape(a.shape[0], *d.layout.batch) if a.ndim == 2 else a
@@ -591,6 +617,8 @@ def _out_to_rows(d: Drawn, a):
         return a
     if d.name in ELEMENTWISE:
         return d.layout.to_rows(a)
+    if _pair(d):
+        return a.reshape(a.shape[0], d.layout.rows, 2)
     return a.reshape(a.shape[0], d.layout.rows)
 
 
@@ -667,9 +695,7 @@ def run_configuration(d: Drawn, seed: int, k: int):
     opts = dict(d.opts)
     args = {key: _device(v, dt) for key, v in native.items()}
     prog = _program(d.name, tuple(sorted(opts.items())), tuple(sorted(args)))
-    # The fused heads return float32 for half-precision inputs.
-    gdt = jnp.float32 if d.name in LINEAR and dt.itemsize < 4 else dt
-    out, grads = prog(args, _device(_out_to_native(d, g_rows), gdt))
+    out, grads = prog(args, _device(_out_to_native(d, g_rows), dt))
     out, grads = np.asarray(out), {key: np.asarray(v) for key, v in grads.items()}
     ref_fn = ORACLES[d.name]
     with np.errstate(all="ignore"):
@@ -1064,6 +1090,16 @@ GRAD_OPTIONS = {
         },
         {"ignore_index": 1, "where": "batch", "reduction": "mean", "beta": 1.0},
     ],
+    "linear_log_probs": [
+        {
+            "bias": True,
+            "temperature": 2.0,
+            "softcap": 4.0,
+            "return_entropy": True,
+            "block_size": 4,
+        },
+        {"where": "batch", "return_entropy": True, "temperature": 0.5},
+    ],
 }
 GRAD_CASES = [
     pytest.param(name, opts, id=f"{name}-{i}")
@@ -1113,6 +1149,10 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
             rng.normal(size=(*batch, 4)),
             rng.normal(size=(4, c)) / 2,
         ],
+        "linear_log_probs": [
+            rng.normal(size=(*batch, 4)),
+            rng.normal(size=(4, c)) / 2,
+        ],
     }[name]
     kw = {}
     if name == "linear_softmax_distillation":
@@ -1122,7 +1162,7 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
         kw["teacher_weight"] = jnp.asarray(rng.normal(size=(3, c)) / 2)
     labels = rng.integers(0, c, batch).astype(np.int32)
     if name in INTEGER_LABELS:
-        kw["labels"] = labels
+        kw["tokens" if name == "linear_log_probs" else "labels"] = labels
     where = opts.pop("where", None)
     if where == "class":
         # Random classes masked, never a label's class (covered adversarially).
@@ -1153,8 +1193,8 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
     n_pos = len(args) - len(diff_kw)
 
     def f(*a):
-        return fn(
-            *a[:n_pos], **dict(zip(diff_kw, a[n_pos:], strict=True)), **kw, **opts
+        return _stacked(
+            fn(*a[:n_pos], **dict(zip(diff_kw, a[n_pos:], strict=True)), **kw, **opts)
         )
 
     return f, tuple(jnp.asarray(a) for a in args)

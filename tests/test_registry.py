@@ -58,8 +58,16 @@ OPTION_VALUES = {
 # Options that select how, not what (reductions run for every case), or whose
 # own tests cover them: axis_name (tests/test_sharded.py, test_multihost.py),
 # the fused head's implementation, gradient filtering and auxiliary outputs
-# (tests/test_linear.py, test_linear_pallas.py).
-NOT_VALUES = {"reduction", "axis_name", "implementation", "filter_eps", "return_aux"}
+# (tests/test_linear.py, test_linear_pallas.py; the second output of
+# linear_log_probs: tests/test_log_probs.py).
+NOT_VALUES = {
+    "reduction",
+    "axis_name",
+    "implementation",
+    "filter_eps",
+    "return_aux",
+    "return_entropy",
+}
 
 
 def _names():

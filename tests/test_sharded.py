@@ -257,7 +257,33 @@ CASES = {
             reduction="mean",
         ),
     ),
+    # Both outputs, each under a cotangent of its own.
+    "linear_log_probs": (
+        ("h", "W", "bias", "y_valid", "bmask", "cot"),
+        (0, 1, 2),
+        lambda h, w, b, y, m, c: _log_probs_scalar(
+            jaxent.linear_log_probs(
+                h,
+                w,
+                y,
+                bias=b,
+                where=m,
+                temperature=1.5,
+                softcap=3.0,
+                return_entropy=True,
+            ),
+            c,
+        ),
+    ),
 }
+
+
+def _log_probs_scalar(out, cot):
+    """A scalar non-linear in the log-probabilities and entropies ``out``."""
+    lp, ent = out
+    return jnp.sum(jnp.exp(lp) * cot) + jnp.sum(ent**2 * cot)
+
+
 # The integer-label losses take a different path for each layout (a gather
 # along the batch, a comparison over sharded classes); the others are
 # checked on the 2-D layout, which partitions both their axes.
@@ -267,6 +293,7 @@ CASE_LAYOUTS = {
     "int_options": LAYOUTS,
     "linear": LAYOUTS,
     "linear_distill": LAYOUTS,
+    "linear_log_probs": LAYOUTS,
     "int_where_none": ("batch", "both"),
     "int_class_mask": ("batch", "both"),
 }
@@ -377,6 +404,11 @@ VP_CASES = {
         (0, 1, 2),
         dict(ignore_index=IGNORE, beta=0.0, temperature=2.0),
     ),
+    "linear_log_probs": (
+        ("h", "W", "bias", "y_valid", "bmask"),
+        (0, 1, 2),
+        dict(temperature=1.5, softcap=3.0),
+    ),
 }
 
 
@@ -414,6 +446,16 @@ def _vp_loss(case, reduction, axis_name):
             return jaxent.softmax_generalized_jsd(
                 a["x"], a["t"], where=mask, **kw, **red
             )
+        if case == "linear_log_probs":
+            return jaxent.linear_log_probs(
+                a["h"],
+                a["W"],
+                a["y_valid"],
+                bias=a["bias"],
+                where=a["bmask"],
+                return_entropy=True,
+                **kw,
+            )
         if case.startswith("linear_distill"):
             return jaxent.linear_softmax_distillation(
                 a["h"],
@@ -443,6 +485,8 @@ def _out_spec(case, reduction, batch):
 
 def _scalar(out, cot):
     """A scalar whose gradient gives every output entry its own cotangent."""
+    if isinstance(out, tuple):
+        return _log_probs_scalar(out, cot)
     if out.ndim == 2:
         return jnp.sum(out * cot[:, None] * jnp.arange(1.0, C + 1, dtype=out.dtype))
     return jnp.sum(out * cot) if out.ndim == 1 else out
@@ -457,6 +501,7 @@ VP_GRID = (
     + [("linear", "mean", "auto")]
     + [(case, "sum", "auto") for case in ("int_options", "linear")]
     + [(case, "none", "explicit") for case in ("int_options", "linear")]
+    + [("linear_log_probs", "none", "explicit")]
     + [("linear_distill", "mean", "explicit")]
 )
 
@@ -522,8 +567,15 @@ def _vp_program(case, mesh):
     inputs = _inputs()
     specs = tuple(_spec(KIND[k], "data", "model") for k in names)
     per_shard = _vp_loss(case, "sum", "model")
+
+    def total(*a):
+        out = per_shard(*a)
+        if isinstance(out, tuple):  # per-token outputs (linear_log_probs)
+            out = sum(jnp.sum(o) for o in out)
+        return jax.lax.psum(out, "data")
+
     loss = jax.shard_map(
-        lambda *a: jax.lax.psum(per_shard(*a), "data"),
+        total,
         mesh=mesh,
         in_specs=specs,
         out_specs=P(),
@@ -552,11 +604,12 @@ def test_vocab_parallel_program_has_only_per_token_all_reduces(case):
 
 
 @multi_device
-def test_vocab_parallel_linear_communicates_tokens_not_logits():
-    """The fused head all-reduces per-token statistics, ``d hidden`` ([N, D])
+@pytest.mark.parametrize("case", ["linear", "linear_log_probs"])
+def test_vocab_parallel_linear_communicates_tokens_not_logits(case):
+    """The fused heads all-reduce per-token statistics, ``d hidden`` ([N, D])
     and the data-parallel sums of ``d weight``/``d bias`` ([D, V/4], [V/4]); no
     collective carries an [N, V] block."""
-    found = _collectives(_vp_program("linear", _mesh("auto")))
+    found = _collectives(_vp_program(case, _mesh("auto")))
     tokens, cols = N // 2, C // 4
     allowed = {1, tokens, tokens * D, D * cols, cols}
     for op, sizes in found:
