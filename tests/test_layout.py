@@ -30,6 +30,7 @@ FLOORS = {
     # 3: the fused heads
     "_linear": 3,
     "_linear_distill": 3,
+    "_log_probs": 3,
     # 4: the public surface
     "__init__": 4,
     "reference": 4,
