@@ -138,16 +138,41 @@ def linear_softmax_cross_entropy(
 
     Same values and gradients (w.r.t. ``hidden``, ``weight`` and ``bias``) as
     ``softmax_cross_entropy_with_integer_labels(x, labels, ...)`` on the
-    materialized logits with the same options, to floating-point rounding. The
-    forward streams over tiles of tokens by classes with an online max /
-    log-sum-exp and saves only its inputs and the per-token ``lse``; the
-    backward recomputes each logits tile, forms ``G = softmax * (1 + 2 z lse) -
-    Y`` (the one-hot part by comparison with the labels, times ``1 - tanh^2``
-    with a softcap) and feeds it to the gradient matmuls in the input dtype,
-    accumulating in float32. No ``[N, V]`` array exists in the forward, the
-    backward or the residuals.
+    materialized logits with the same options, to floating-point rounding. No
+    ``[N, V]`` array exists at any point. Which path runs:
 
-    Which implementation:
+    * ``reduction="sum"`` or ``"mean"`` (the loss is ``sum_i c_i loss_i`` with
+      coefficients known in the forward pass): when differentiated, the
+      forward streams over token chunks with full vocabulary rows and, per
+      chunk, computes the logits (one matmul), the losses and ``G = c_i
+      (softmax * (1 + 2 z lse) - Y)`` (times ``1 - tanh^2`` with a softcap),
+      then ``d hidden`` of its rows and ``d weight`` (and ``d bias``)
+      accumulated in float32; the backward only multiplies by the scalar
+      cotangent. Three vocabulary-sized matmuls, as with materialized logits;
+      an input that is not differentiated (a frozen head) skips its gradient
+      matmul. Temp memory: the float32 ``d weight`` accumulator (one weight's
+      size) plus a few float32 chunks of about ``2**22`` logits on CPU
+      (``2**26`` on GPU/TPU; ``block_size``'s ``block_n`` fixes the rows),
+      whatever the number of tokens. Undifferentiated, one forward pass.
+    * ``reduction="none"`` (a per-token cotangent), ``low_memory=True``, or
+      ``implementation="pallas"``: the forward streams over tiles of tokens
+      by classes with an online max / log-sum-exp and saves only its inputs
+      and the per-token ``lse``; the backward recomputes each logits tile,
+      forms ``G`` and feeds it to the two gradient matmuls in the input dtype,
+      accumulating in float32. Four matmuls, and temp memory of about two
+      float32 tiles plus ``O(N D)``, with no weight-sized accumulator.
+
+    Under automatic partitioning (plain ``jax.jit`` with the weight sharded by
+    columns) the first path keeps the vocabulary sharded: only per-token
+    statistics and ``d hidden`` are all-reduced, and ``d weight`` comes back
+    sharded like the weight; the recompute path's vocabulary blocks gather the
+    weight there (use ``axis_name`` or explicit sharding for it). Under
+    ``jax.checkpoint`` the first path's forward keeps only its logits matmul
+    and the backward runs the whole pass again: 4 matmuls (5 with
+    ``low_memory=True``), and the weight-sized accumulator lives in the
+    backward.
+
+    Which implementation of the recompute path:
 
     * ``"xla"``: blocked loops of XLA ops (tiles of ``block_size``). Any float
       dtype, differentiable twice; on a GPU it runs the extra recomputation
@@ -177,9 +202,14 @@ def linear_softmax_cross_entropy(
         indices in ``[0, V)``; global ids when vocab-parallel.
       bias: optional floating array ``[V]`` (sharded like ``weight``'s columns).
       ignore_index: label value whose examples are not counted (loss and
-        gradient 0, excluded from the mean's denominator).
+        gradient 0, excluded from the mean's denominator); ``-100`` as in
+        PyTorch, ``None`` to count every example.
       where: optional boolean array of ``labels``' shape; ``False`` excludes that
         example like ``ignore_index``.
+      token_weights: optional floating array of ``labels``' shape, any sign
+        (sample weights, per-token advantages): each counted example's loss is
+        multiplied by its weight; ``"mean"`` still divides by the number of
+        counted examples (not by the weights' sum). It receives no gradient.
       label_smoothing: ``epsilon`` in ``[0, 1]``: mass spread uniformly over the
         ``V`` classes.
       z_loss: coefficient of the ``lse**2`` penalty (>= 0).
@@ -218,14 +248,17 @@ def linear_softmax_cross_entropy(
       implementation: ``"xla"``, ``"pallas"`` or ``None`` (see above). With
         ``None``, inputs the kernels do not take run on ``"xla"``; with
         ``"pallas"`` they raise a ValueError naming the argument.
+      low_memory: with ``"sum"``/``"mean"``, trade time for memory: the
+        recompute path (one more matmul, no weight-sized float32 accumulator).
       return_aux: also return a :class:`jaxent.LinearCrossEntropyAux` of per-token
         ``lse`` and ``argmax``.
 
     Returns:
       per-example losses of ``labels``' shape for ``reduction="none"``, else a
-      scalar; dtype of ``hidden`` and ``weight`` promoted (bf16 inputs give a
-      bf16 loss, computed and reduced in float32). With ``return_aux``, the
-      pair ``(loss, aux)``.
+      scalar; in the dtype of ``hidden``, ``weight`` and ``bias`` promoted, and
+      float32 for half-precision inputs (computed and reduced in float32; the
+      gradients keep the inputs' dtypes). With ``return_aux``, the pair
+      ``(loss, aux)``.
 
     Example:
       >>> import jax.numpy as jnp, jaxent

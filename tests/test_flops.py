@@ -97,3 +97,16 @@ def test_forward_only_and_frozen_head_skip_gradient_matmuls():
     teacher = 2 * N * DT * V
     distill = _head("distill", "mean", beta=0.5)
     assert _flops(distill, (0,)) <= 2.02 * one + teacher
+
+
+@pytest.mark.parametrize(("low_memory", "matmuls"), [(False, 4), (True, 5)])
+def test_checkpointed_head_reruns_its_forward_once(low_memory, matmuls):
+    # Under jax.checkpoint the forward keeps only the logits matmul (the
+    # gradient matmuls are not needed there) and the backward reruns the pass.
+    def loss(h, w, b, th, tw, y, tok):
+        return jaxent.linear_softmax_cross_entropy(
+            h, w, y, reduction="mean", low_memory=low_memory
+        )
+
+    one = 2 * N * D * V
+    assert _flops(jax.checkpoint(loss), (0, 1)) == matmuls * one

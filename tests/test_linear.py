@@ -499,3 +499,21 @@ def test_xla_tile_is_chosen_at_lowering(platform):
     rows = set(re.findall(r"dot_general.*-> tensor<(\d+)x2048xf32>", text))
     rows -= {str(d)}  # d weight's [D, block_v] products
     assert rows == ({"512"} if platform == "cpu" else {"8192"})
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_checkpointed_head_matches(low_memory):
+    # jax.checkpoint reruns the forward in the backward (the gradient-in-forward
+    # path included): same value and gradients as without it.
+    h, w, b, y = _problem(21, (12,), 5, 37)
+    tw = logits(25, (12,), DTYPE, scale=1.0)
+
+    def loss(h, w, b):
+        return _public(
+            h, w, y, bias=b, token_weights=tw, reduction="mean", low_memory=low_memory
+        )
+
+    got = jax.jit(jax.value_and_grad(jax.checkpoint(loss), (0, 1, 2)))(h, w, b)
+    want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(h, w, b)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(a, e, kind="grad")
