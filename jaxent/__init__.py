@@ -32,6 +32,7 @@ from ._linear_distill import (
 )
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
+from ._topk import softmax_topk_kl_divergence as softmax_topk_kl_divergence
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,5 @@ __all__ = [
     "softmax_entropy",
     "softmax_generalized_jsd",
     "softmax_kl_divergence",
+    "softmax_topk_kl_divergence",
 ]

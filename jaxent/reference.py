@@ -26,6 +26,7 @@ from . import (  # noqa: F401 (register)
     _linear,
     _linear_distill,
     _softmax,
+    _topk,
 )
 from ._define import REGISTRY
 
