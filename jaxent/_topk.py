@@ -160,8 +160,9 @@ def softmax_topk_kl_divergence(
                 f"{fn}: `where` must be an example mask of the logits' batch shape "
                 f"{batch}; got {describe(keep)}."
             )
-    opts = _Opts(temperature, tail, axis_name)
-    kl = impl(_TOPK_KL)(x, lq, ids, None if keep is None else keep[..., None], opts)
+    opts = _Opts(temperature, tail)
+    keep_k = None if keep is None else keep[..., None]
+    kl = impl(_TOPK_KL)(x, lq, ids, keep_k, axis_name, opts)
     return reduce_loss(kl, reduction, count_rows(keep, batch)).astype(x.dtype)
 
 
@@ -170,7 +171,6 @@ class _Opts(NamedTuple):
 
     temperature: float
     tail: str
-    axis_name: Hashable | None
 
 
 # -- per-row pieces, shared with fused heads --------------------------------------
@@ -359,28 +359,36 @@ def _student(z, ids, axis_name):
     return m, ls, a, mr, sr, b
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _topk_kl(x, lq, ids, keep, opts):
-    return _topk_kl_fwd(x, lq, ids, keep, opts)[0]
+# For one row, with z = logits / T, a_j = log p_j at the ids, b = log p_r of the
+# rest and the teacher's weights w (see Teacher):
+#   KL = sum_j w_j (lw_j - a_j) + q_r (lq_r - b),
+#   d KL / d z_c = p_c (sum w + q_r) - w_c - q_r p_c / p_r [c not an id],
+# as d a_j / d z_c = [c = id_j] - p_c and d b / d z_c = [c in rest] p_c / p_r
+# - p_c. The teacher's cotangent is per token: under a vocab-parallel
+# axis_name it is computed from the all-reduced a, b and KL, and the rule
+# leaves that axis out of the alignment of its inputs (Rule.exclude).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _topk_kl(x, lq, ids, keep, axis_name, opts):
+    return _topk_kl_fwd(x, lq, ids, keep, axis_name, opts)[0]
 
 
-def _topk_kl_fwd(x, lq, ids, keep, opts: _Opts):
+def _topk_kl_fwd(x, lq, ids, keep, axis_name, opts: _Opts):
     z, lf = _prepare(x, lq, ids, keep, opts)
-    m, ls, a, mr, sr, b = _student(z, ids, opts.axis_name)
+    m, ls, a, mr, sr, b = _student(z, ids, axis_name)
     t = teacher(lf, opts.tail)
     kl = divergence(t, a, b)
-    scale = _rowscale(x, ids, keep, opts.axis_name)
+    scale = _rowscale(x, ids, keep, axis_name)
     res = (x, lq, ids, keep, m, ls, a, mr, sr, b, kl, scale)
     return jnp.where(scale != 0, kl * scale, 0.0)[..., 0], res
 
 
-def _topk_kl_bwd(opts: _Opts, res, g):
+def _topk_kl_bwd(axis_name, opts: _Opts, res, g):
     x, lq, ids, keep, m, ls, a, mr, sr, b, kl, scale = res
     z, lf = _prepare(x, lq, ids, keep, opts)
     t = teacher(lf, opts.tail)
     coef = g[..., None] * scale
     big_m, q_r = dlogits_scales(t)
-    off = _offset(z, opts.axis_name)
+    off = _offset(z, axis_name)
     p = probs(z, m, ls)
     # p_c / p_r outside the ids, from the rest's own normalizer (exact when the
     # rest holds 1e-30 of the mass); 0 for an empty rest.
@@ -395,10 +403,9 @@ def _topk_kl_bwd(opts: _Opts, res, g):
 _topk_kl.defvjp(_topk_kl_fwd, _topk_kl_bwd)
 
 
-def _topk_kl_plain(x, lq, ids, keep, opts: _Opts):
+def _topk_kl_plain(x, lq, ids, keep, name, opts: _Opts):
     """The same divergence in plain JAX: the ids found by comparing every class
     with every id, and the formulas written out with double selects."""
-    name = opts.axis_name
     z, lf = _prepare(x, lq, ids, keep, opts)
     axes = (z.ndim - 1,)
     cls = jnp.arange(z.shape[-1], dtype=ids.dtype)
@@ -412,11 +419,13 @@ def _topk_kl_plain(x, lq, ids, keep, opts: _Opts):
             mx = lax.pmax(mx, name)
         mx = jnp.where(mx == -jnp.inf, 0.0, mx)
         s = plain_sum(jnp.exp(v - mx), axes, name)
-        return mx + jnp.log(s)
+        # 0 for no class, through a log that never sees 0 (its derivative).
+        return mx + jnp.log(jnp.where(s == 0, 1.0, s)), s == 0
 
-    lse_all = lse(z)
+    lse_all, _ = lse(z)
     a = zk - lse_all
-    b = lse(jnp.where(jnp.any(hit, axis=-2), -jnp.inf, z)) - lse_all
+    lse_rest, no_rest = lse(jnp.where(jnp.any(hit, axis=-2), -jnp.inf, z))
+    b = jnp.where(no_rest, -jnp.inf, lse_rest - lse_all)
     q = jnp.exp(lf)
     none = q == 0
     mass = jnp.sum(q, axis=-1, keepdims=True)
@@ -437,4 +446,4 @@ def _topk_kl_plain(x, lq, ids, keep, opts: _Opts):
     return jnp.where(scale != 0, kl * scale, 0.0)
 
 
-_TOPK_KL = Rule(_topk_kl, _topk_kl_plain, diff=(0, 1))
+_TOPK_KL = Rule(_topk_kl, _topk_kl_plain, diff=(0, 1), exclude=4)
