@@ -166,10 +166,11 @@ def test_nonnegative_and_zero_exactly_where_the_buckets_agree():
     """Random rows: both tails >= 0. A student whose bucket probabilities are
     the teacher's (any split of the rest's mass) gives 0 and zero gradient;
     moving one logit makes it positive."""
+    jitted = jax.jit(TOPK, static_argnames="tail")
     for seed in range(4):
         x, ids, lq = _problem(seed=seed, batch=(16,), v=12, k=5)
         for tail in TAILS:
-            assert np.all(np.asarray(TOPK(x, ids, lq, tail=tail)) >= -1e-15)
+            assert np.all(np.asarray(jitted(x, ids, lq, tail=tail)) >= -1e-15)
     rng = np.random.default_rng(5)
     v, k = 9, 4
     ids, lq = _teacher(6, (3,), v, k)
@@ -286,8 +287,9 @@ def test_out_of_range_ids_give_nan_for_their_example():
     x, ids, lq = _problem(seed=12, batch=(4,), v=6, k=2)
     bad = ids.at[0, 1].set(-1).at[1, 0].set(6)
     for fn in (TOPK, reference.softmax_topk_kl_divergence):
-        value = fn(x, bad, lq)
-        gx, glq = jax.grad(lambda x, lq, fn=fn: jnp.sum(fn(x, bad, lq)), (0, 1))(x, lq)
+        value = jax.jit(fn)(x, bad, lq)
+        total = jax.jit(jax.grad(lambda x, lq, fn=fn: jnp.sum(fn(x, bad, lq)), (0, 1)))
+        gx, glq = total(x, lq)
         assert np.all(np.isnan(np.asarray(value[:2])))
         assert_close(value[2:], TOPK(x[2:], ids[2:], lq[2:]))
         assert np.all(np.isnan(np.asarray(gx[:2]))) and np.all(np.isnan(glq[:2]))
@@ -308,8 +310,9 @@ def test_padding_with_a_repeated_id_and_minus_inf_changes_nothing(tail):
         def f(x, lq, ids, fn=fn):
             return jnp.sum(fn(x, ids, lq, tail=tail) * jnp.arange(1.0, 4.0))
 
-        value, (gx, glq) = jax.value_and_grad(f, (0, 1))(x, padded_lq, padded_ids)
-        want, (wx, wlq) = jax.value_and_grad(f, (0, 1))(x, lq, ids)
+        both = jax.jit(jax.value_and_grad(f, (0, 1)))
+        value, (gx, glq) = both(x, padded_lq, padded_ids)
+        want, (wx, wlq) = both(x, lq, ids)
         assert_close(value, want)
         assert_close(gx, wx, kind="grad")
         assert_close(glq[:, :3], wlq, kind="grad")
