@@ -25,10 +25,11 @@ from ._args import (
     check_reduction,
     describe,
 )
+from ._backend import fusion_barrier
 from ._define import Rule, loss
 from ._numerics import compute_dtype, tempered, upcast
 from ._reduction import count_rows, reduce_loss
-from ._softmax import max_sumexp, normalizer, plain_sum, probs
+from ._softmax import class_sum, normalizer, plain_sum, probs
 
 TAILS = ("bucket", "renormalize")
 
@@ -204,20 +205,33 @@ def gather_at(z: jax.Array, ids: jax.Array, offset=0) -> jax.Array:
     return jnp.where(held, v, 0)
 
 
-def masked_at(z: jax.Array, ids: jax.Array, offset=0) -> jax.Array:
-    """``z`` with the entries at ``ids`` this block holds set to -inf: the
-    logits of the rest bucket. A scatter of ``N k`` entries, not a comparison of
-    every class with every id (``N V k``)."""
-    local, _ = local_ids(ids, offset, z.shape[-1])
-    nb = z.ndim - 1
-    fill = jnp.full(local.shape, -jnp.inf, z.dtype)
+def is_listed(shape, ids: jax.Array, offset=0) -> jax.Array:
+    """``[..., n]`` uint8 mask (1: listed) of the classes of a block of
+    ``shape`` that ``ids`` lists: a scatter of ``N k`` entries into ``N V``
+    bytes, not a comparison of every class with every id (``N V k``)."""
+    local, _ = local_ids(ids, offset, shape[-1])
     return lax.scatter(
-        z,
+        jnp.zeros(shape, jnp.uint8),
         local[..., None],
-        fill,
-        _scatter_dims(nb),
+        jnp.ones(local.shape, jnp.uint8),
+        _scatter_dims(len(shape) - 1),
         mode=lax.GatherScatterMode.FILL_OR_DROP,
     )
+
+
+def masked_at(z: jax.Array, listed: jax.Array, zero=0.0) -> jax.Array:
+    """``z`` with the ``listed`` classes (:func:`is_listed`) at -inf: the
+    logits of the rest bucket.
+
+    A minimum with a cap of -inf (listed) or +inf, not a select: XLA:CPU fuses
+    the row reductions over it into passes over the logits, where a select (or
+    a boolean mask, or a scatter of -inf into the logits) makes it write an
+    ``N V`` float copy first. The constants are offsets of ``zero``, a per-row
+    0 of the caller's pass, for the same reason (XLA:CPU writes a scalar
+    broadcast to ``N V`` to memory when two passes share it)."""
+    # No derivative through the cap: its tangent would be 0 * inf.
+    cap = lax.stop_gradient(((zero + 0.5) - listed.astype(z.dtype)) * (zero + jnp.inf))
+    return jnp.minimum(z, cap)
 
 
 def add_at(dz: jax.Array, ids: jax.Array, v: jax.Array, offset=0) -> jax.Array:
@@ -341,6 +355,23 @@ def _rowscale(x, ids, keep, axis_name):
     return scale if keep is None else jnp.where(keep, scale, 0.0)
 
 
+def rest_max_sumexp(z, listed, m, axis_name=None):
+    """:func:`jaxent._softmax.max_sumexp` of the rest bucket's logits (keepdims;
+    ``(0, 0)`` for an empty rest), given the row's max ``m`` (finite). Each
+    reduction recomputes them in its own pass: the barrier keeps XLA:CPU from
+    writing one ``N V`` copy for both."""
+    axes = (z.ndim - 1,)
+    zero = m * 0
+    masked = masked_at(z, listed, zero)
+    mr = jnp.max(masked, axis=axes, keepdims=True, initial=-jnp.inf)
+    if axis_name is not None:
+        mr = lax.pmax(mr, axis_name)
+    mr = jnp.where(mr == -jnp.inf, 0.0, mr)
+    listed, zero = fusion_barrier((listed, zero))
+    sr = jnp.exp(masked_at(z, listed, zero) - mr)
+    return mr, class_sum(sr, axes, axis_name)
+
+
 def _student(z, ids, axis_name):
     """``(m, ls, a, mr, sr, b)``: the row normalizer, the log-probabilities at
     the ids, and the rest's max, sum-exp and log-probability."""
@@ -351,7 +382,7 @@ def _student(z, ids, axis_name):
     if axis_name is not None:
         zk = lax.psum(zk, axis_name)
     a = (zk - m) - ls
-    mr, sr = max_sumexp(masked_at(z, ids, off), axes, axis_name)
+    mr, sr = rest_max_sumexp(z, is_listed(z.shape, ids, off), m, axis_name)
     # -inf for an empty rest (sr = 0), through a log whose input is never 0.
     b = jnp.where(
         sr > 0, (mr - m) + (jnp.log(jnp.where(sr > 0, sr, 1.0)) - ls), -jnp.inf
@@ -392,10 +423,11 @@ def _topk_kl_bwd(axis_name, opts: _Opts, res, g):
     p = probs(z, m, ls)
     # p_c / p_r outside the ids, from the rest's own normalizer (exact when the
     # rest holds 1e-30 of the mass); 0 for an empty rest.
-    rest = jnp.exp((masked_at(z, ids, off) - mr) - jnp.log(jnp.maximum(sr, 1.0)))
-    dz = p * big_m - q_r * rest
-    dz = add_at(dz, ids, -t.w, off)
-    dx = tempered(coef, opts.temperature) * dz
+    listed = is_listed(z.shape, ids, off)
+    rest = jnp.exp((masked_at(z, listed) - mr) - jnp.log(jnp.maximum(sr, 1.0)))
+    # Scaled before the scatter, which then updates the output in place.
+    coef_x = tempered(coef, opts.temperature)
+    dx = add_at(coef_x * (p * big_m - q_r * rest), ids, -coef_x * t.w, off)
     dl = coef * dteacher(t, a, b, kl, opts.tail)
     return dx.astype(x.dtype), dl.astype(lq.dtype), None, None
 
