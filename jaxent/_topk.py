@@ -256,7 +256,7 @@ class Teacher(NamedTuple):
     lw: jax.Array  # [..., k] log w, 0 where w = 0 (never multiplied then)
     q_r: jax.Array  # [..., 1] the rest's mass, 0 without a tail
     lq_r: jax.Array  # [..., 1] its log, 0 where q_r = 0
-    tail: jax.Array  # [..., 1] q_r > 0
+    has_rest: jax.Array  # [..., 1] q_r > 0
 
 
 def teacher(lq: jax.Array, tail: str) -> Teacher:
@@ -320,14 +320,14 @@ def dteacher(t: Teacher, a, b, kl, tail: str) -> jax.Array:
     """d KL / d teacher_log_probs ``[..., k]``."""
     if tail == "renormalize":
         return _times(t.w, t.lw - a - kl)
-    rest = jnp.where(t.tail, t.lq_r - b, -1.0)
+    rest = jnp.where(t.has_rest, t.lq_r - b, -1.0)
     return _times(t.w, (t.lw - a) - rest)
 
 
 # -- the rule --------------------------------------------------------------------
 
 
-def _prepare(x, lq, ids, keep, opts: _Opts):
+def _prepare(x, lq, keep, opts: _Opts):
     """Tempered logits and teacher log-probabilities in the compute dtype;
     excluded rows get harmless values (logits 0, no teacher mass), so that
     whatever they hold reaches neither a value nor a gradient."""
@@ -346,8 +346,8 @@ def _offset(z, axis_name):
 
 
 def _rowscale(x, ids, keep, axis_name):
-    """Per row (keepdims): 0 excluded, NaN for an id outside [0, V), else 1;
-    None when every row counts."""
+    """Per row (keepdims): 0 where ``keep`` excludes it, NaN for an id outside
+    [0, V), else 1."""
     v = x.shape[-1] * (1 if axis_name is None else lax.axis_size(axis_name))
     valid = jnp.all((ids >= 0) & (ids < v), axis=-1, keepdims=True)
     dtype = compute_dtype(x.dtype)
@@ -404,7 +404,7 @@ def _topk_kl(x, lq, ids, keep, axis_name, opts):
 
 
 def _topk_kl_fwd(x, lq, ids, keep, axis_name, opts: _Opts):
-    z, lf = _prepare(x, lq, ids, keep, opts)
+    z, lf = _prepare(x, lq, keep, opts)
     m, ls, a, mr, sr, b = _student(z, ids, axis_name)
     t = teacher(lf, opts.tail)
     kl = divergence(t, a, b)
@@ -415,7 +415,7 @@ def _topk_kl_fwd(x, lq, ids, keep, axis_name, opts: _Opts):
 
 def _topk_kl_bwd(axis_name, opts: _Opts, res, g):
     x, lq, ids, keep, m, ls, a, mr, sr, b, kl, scale = res
-    z, lf = _prepare(x, lq, ids, keep, opts)
+    z, lf = _prepare(x, lq, keep, opts)
     t = teacher(lf, opts.tail)
     coef = g[..., None] * scale
     big_m, q_r = dlogits_scales(t)
@@ -438,7 +438,7 @@ _topk_kl.defvjp(_topk_kl_fwd, _topk_kl_bwd)
 def _topk_kl_plain(x, lq, ids, keep, name, opts: _Opts):
     """The same divergence in plain JAX: the ids found by comparing every class
     with every id, and the formulas written out with double selects."""
-    z, lf = _prepare(x, lq, ids, keep, opts)
+    z, lf = _prepare(x, lq, keep, opts)
     axes = (z.ndim - 1,)
     cls = jnp.arange(z.shape[-1], dtype=ids.dtype)
     cls = cls + jnp.asarray(_offset(z, name), ids.dtype)
