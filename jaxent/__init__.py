@@ -35,6 +35,7 @@ from ._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entro
 from ._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
 from ._softmax import log_softmax as log_softmax
 from ._softmax import softmax as softmax
+from ._topk import softmax_topk_kl_divergence as softmax_topk_kl_divergence
 
 try:
     __version__ = _metadata.version("jaxent")
@@ -65,4 +66,5 @@ __all__ = [
     "softmax_entropy",
     "softmax_generalized_jsd",
     "softmax_kl_divergence",
+    "softmax_topk_kl_divergence",
 ]

@@ -28,6 +28,7 @@ from . import (  # noqa: F401 (register)
     _log_probs,
     _sigmoid,
     _softmax,
+    _topk,
 )
 from ._define import REGISTRY
 

@@ -486,6 +486,62 @@ def ref_generalized_kl_divergence(xp, a, o, g):
     }
 
 
+def _times0(xp, w, v):
+    """``w * v``, 0 wherever ``w == 0`` (also for a NaN ``v``: -inf - -inf)."""
+    return xp.where(w == 0, 0, w * v)
+
+
+def ref_softmax_topk_kl_divergence(xp, a, o, g):
+    """The student ``p = softmax(logits / T)`` against a teacher given by its
+    top-k ``teacher_ids`` ``[K, R, k]`` and ``teacher_log_probs``: the KL of
+    the k + 1 buckets (the ids and the rest), or of the teacher renormalized
+    over its ids; the rest's log-mass is the log-sum-exp of the other logits."""
+    temp, tail = o.get("temperature", 1.0), o.get("tail", "bucket")
+    x, ids, lq = a["logits"] / temp, a["teacher_ids"], a["teacher_log_probs"]
+    adm = a.get("where")
+    c, k = x.shape[-1], ids.shape[-1]
+    kept = xp.ones(x.shape[:2], dtype=bool) if adm is None else adm[..., 0]
+    kept = kept[..., None]
+    hit = ids[..., :, None] == xp.arange(c)  # [K, R, k, C]
+    in_k = xp.any(hit, axis=-2)
+    xs, ls, m = _normalize(xp, x, None)
+    logp = xs - ls
+    lp_ids = xp.sum(xp.where(hit, logp[..., None, :], 0), axis=-1)
+    xr, lsr, mr = _normalize(xp, x, ~in_k)
+    some = xp.any(xr > -xp.inf, axis=-1, keepdims=True)
+    lp_rest = xp.where(some, (mr + lsr) - (m + ls), -xp.inf)
+    q = xp.exp(lq)
+    mass = xp.sum(q, axis=-1, keepdims=True)
+    if tail == "renormalize":
+        w = q / xp.where(mass == 0, 1, mass)
+        lw = lq - xp.log(xp.where(mass == 0, 1, mass))
+        q_r = xp.zeros_like(mass)
+        has = mass < 0
+    else:
+        w, lw = q, lq
+        q_r = 1 - mass
+        has = q_r > k * xp.finfo(lq.dtype).eps
+        q_r = xp.where(has, q_r, 0)
+    lq_r = xp.log(xp.where(has, q_r, 1))
+    kl = xp.sum(_times0(xp, w, lw - lp_ids), axis=-1, keepdims=True)
+    kl = kl + _times0(xp, q_r, lq_r - lp_rest)
+    valid = xp.all((ids >= 0) & (ids < c), axis=-1, keepdims=True)
+    kl = xp.where(valid, kl, xp.nan)
+    count = xp.sum(kept[..., 0], axis=1).astype(x.dtype)
+    value = _reduce(xp, xp.where(kept, kl, 0)[..., 0], o["reduction"], count)
+    coef = xp.where(kept, _coef(xp, g, o["reduction"], x.shape, count), 0)
+    coef = xp.where(valid | ~kept, coef, xp.nan)
+    big_m = xp.sum(w, axis=-1, keepdims=True) + q_r
+    w_at = xp.sum(xp.where(hit, w[..., None], 0), axis=-2)
+    dx = xp.exp(logp) * big_m - q_r * xp.exp(xr - lsr) - w_at
+    if tail == "renormalize":
+        dt = _times0(xp, w, lw - lp_ids - kl)
+    else:
+        rest = xp.where(has, lq_r - lp_rest, -1)
+        dt = _times0(xp, w, (lw - lp_ids) - rest)
+    return value, {"logits": coef * dx / temp, "teacher_log_probs": coef * dt}
+
+
 ref_convex_kl_divergence = ref_generalized_kl_divergence
 
 

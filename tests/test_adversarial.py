@@ -143,6 +143,8 @@ def entropy64(logp):
 
 HIDDEN = 3  # D, the hidden size of the fused heads' inputs
 IGNORE = -100
+TOPK = 2  # a top-k teacher's k (at most the number of classes)
+INTEGER_KINDS = ("class_ids", "teacher_ids")
 # Kinds whose arrays have the logits' shape [N, C]; "binary" (sigmoid labels)
 # marks an elementwise loss, with no class axis.
 LOGITS_SHAPED = ("logits", "probs", "log_probs", "binary")
@@ -175,7 +177,7 @@ def _elementwise(name):
 
 
 def _float_positions(name):
-    return [i for i, k in enumerate(_kinds(name)) if k != "class_ids"]
+    return [i for i, k in enumerate(_kinds(name)) if k not in INTEGER_KINDS]
 
 
 def _label(name, i, positions):
@@ -213,6 +215,14 @@ def _clean(kind, shape, rng):
         return rng.normal(size=(*batch, HIDDEN))
     if kind in ("weight", "teacher_weight"):
         return rng.normal(size=(HIDDEN, c))
+    # A top-k teacher: k distinct ids per row, 0.8 of the mass on them.
+    k = min(TOPK, c)
+    if kind == "teacher_ids":
+        rows = np.arange(math.prod(batch), dtype=np.int32).reshape(*batch, 1)
+        return (rows + np.arange(k, dtype=np.int32)) % c
+    if kind == "teacher_log_probs":
+        q = rng.uniform(0.05, 1.0, size=(*batch, k))
+        return np.log(0.8 * q / q.sum(-1, keepdims=True))
     raise AssertionError(f"no adversarial input for kind {kind!r}: add it to _clean")
 
 
@@ -221,7 +231,7 @@ def _inputs(name, shape, *, seed=0, dtype="float64"):
     float ones in ``dtype``."""
     rng = np.random.default_rng(seed)
     return [
-        jnp.asarray(_clean(kind, shape, rng), None if kind == "class_ids" else dtype)
+        jnp.asarray(_clean(kind, shape, rng), None if kind in INTEGER_KINDS else dtype)
         for kind in _kinds(name)
     ]
 
@@ -1097,7 +1107,7 @@ def _one_class_call(name, z):
             logits += 1
         elif kind == "probs":
             arrays[i], derive[i] = x, jax.nn.softmax
-        elif kind == "log_probs":
+        elif kind in ("log_probs", "teacher_log_probs"):
             arrays[i], derive[i] = x, jax.nn.log_softmax
         elif kind == "class_ids":
             arrays[i] = jnp.zeros(x.shape[:-1], jnp.int32)
@@ -1296,7 +1306,7 @@ def _nan_cases():
     for name in _names():
         kinds = _kinds(name)
         for i, kind in enumerate(kinds):
-            if kind in ("class_ids", "weight", "teacher_weight"):
+            if kind in (*INTEGER_KINDS, "weight", "teacher_weight"):
                 continue  # not a float input, or shared by every example
             if kind == "logits" and not _elementwise(name):
                 continue
@@ -1393,6 +1403,7 @@ BAD_OPTIONS = {
     "implementation": [("implementation unknown", "cuda", ValueError, "'cuda'")],
     "return_aux": [("return_aux not a bool", 1, TypeError, "1")],
     "return_entropy": [("return_entropy not a bool", "yes", TypeError, "'yes'")],
+    "tail": [("tail unknown", "exact", ValueError, "'exact'")],
 }
 # Options whose bad values only show inside shard_map (tests/test_sharded.py).
 NO_BAD_INPUT = ("axis_name",)
@@ -1408,6 +1419,8 @@ def _wrong_shape(kind, a):
         return jnp.ones((a.shape[0] + 1, a.shape[1]), a.dtype)
     if kind == "teacher_hidden":
         return jnp.ones((a.shape[0] + 1, *a.shape[1:]), a.dtype)
+    if kind == "teacher_log_probs":  # not the ids' k
+        return jnp.ones((*a.shape[:-1], a.shape[-1] + 1), a.dtype)
     raise AssertionError(f"no wrong shape for kind {kind!r}: add it to _wrong_shape")
 
 
@@ -1432,7 +1445,7 @@ def _bad_inputs_of(name):
     # Positional inputs: dtype and shape.
     for i, (param, k) in enumerate(zip(_positional(name), kinds, strict=True)):
         a = arrays[i]
-        if k == "class_ids":
+        if k in INTEGER_KINDS:
             for v, shown in ((jnp.ones(a.shape), "float"), (a > 0, "bool")):
                 bad(
                     "integer labels not integers",

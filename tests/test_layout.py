@@ -24,6 +24,7 @@ FLOORS = {
     "_sigmoid": 1,
     "_divergence": 1,
     "_distill": 1,
+    "_topk": 1,
     # 2: the streaming engine
     "_streaming": 2,
     "_pallas_linear": 2,

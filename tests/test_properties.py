@@ -156,6 +156,7 @@ class Drawn:
     teacher_hidden: int = 0  # linear_softmax_distillation: the teacher's D
     teacher_bias: bool = False
     token_weights: bool = False  # the linear heads' per-token weights
+    topk: int = 0  # softmax_topk_kl_divergence: the teacher's k
 
 
 def _quantize(a, dtype):
@@ -331,6 +332,8 @@ def make_inputs(d: Drawn, seed: int, k: int):
                 pred = pred * rng.uniform(0.5, 2.0, (k, 1, 1))
             pred = np.where((pred == 0) & (t > 0), 1e-3, pred)
             rows["log_predictions"] = q(np.log(pred))
+        elif name == TOPK:
+            _topk_inputs(d, rng, shp, q, native, rows)
         elif name in ("softmax_kl_divergence", "softmax_generalized_jsd"):
             t = _logits(rng, shp)
             t_inf = _inf_at(rng, shp, np.ones(shp, bool))
@@ -346,6 +349,26 @@ def make_inputs(d: Drawn, seed: int, k: int):
         if key not in native and v.ndim == 3 and v.shape == shp:
             native[key] = lay.from_rows(v)
     return native, rows
+
+
+def _topk_inputs(d: Drawn, rng, shp, q, native, rows):
+    """A top-k teacher: k distinct ids per row (exact zeros among their
+    probabilities at a random rate), mass below 0.99 when k < C and 1.05 when
+    k = C (no tail either way, away from the rounding band at 1); student
+    logits -inf at random outside the ids and at ids of zero teacher mass."""
+    k, (n, r, c) = d.topk, shp
+    ids = np.argsort(rng.random(shp), axis=-1)[..., :k].astype(np.int32)
+    p = _probs(rng, (n, r, k))
+    mass = rng.uniform(0.05, 0.99, (n, r, 1)) if k < c else 1.05
+    lq = np.log(p * mass)
+    hit = ids[..., :, None] == np.arange(c)
+    zero_at = np.any(hit & (p == 0)[..., None], axis=-2)
+    allowed = ~np.any(hit, axis=-2) | zero_at
+    x = np.where(_inf_at(rng, shp, allowed), -np.inf, _logits(rng, shp))
+    batch = d.layout.batch
+    native["teacher_ids"] = ids.reshape(n, *batch, k)
+    native["teacher_log_probs"] = q(lq).reshape(n, *batch, k)
+    rows.update(logits=q(x), teacher_ids=ids, teacher_log_probs=q(lq))
 
 
 # -- drawing configurations -------------------------------------------------------
@@ -388,6 +411,7 @@ LINEAR = (
     "linear_softmax_distillation",
     "linear_log_probs",
 )
+TOPK = "softmax_topk_kl_divergence"
 GAMMAS = (2.0, 0.0, 0.5, 1.0, 3.0)
 ALPHAS = (None, 0.25, 0.8)
 
@@ -432,9 +456,26 @@ def drawn_linear(draw, name, dtype):
 
 
 @st.composite
+def drawn_topk(draw, dtype):
+    """Classes on the last axis, k from 1 to min(C, 8), an example mask or
+    none, and every option."""
+    lay = draw(layouts())
+    lay = Layout((*lay.batch, lay.classes), (len(lay.batch),), None)
+    d = Drawn(TOPK, dtype, lay, {})
+    d.topk = draw(st.integers(1, min(lay.classes, 8)))
+    d.where = draw(st.sampled_from([None, "batch"]))
+    d.opts["tail"] = draw(st.sampled_from(("bucket", "renormalize")))
+    d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
+    d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
+    return d
+
+
+@st.composite
 def drawn(draw, name, dtype):
     if name in LINEAR:
         return draw(drawn_linear(name, dtype))
+    if name == TOPK:
+        return draw(drawn_topk(dtype))
     no_axis = name in ("sigmoid_binary_cross_entropy", "sigmoid_focal_loss")
     lay = draw(layouts(class_axes=not no_axis))
     if name == "safe_softmax_cross_entropy":  # its class axis is the last one
@@ -527,6 +568,7 @@ POSITIONAL = {
     "poly_loss_cross_entropy": ("logits", "labels"),
     "sigmoid_focal_loss": ("logits", "labels"),
     "generalized_kl_divergence": ("log_predictions", "targets"),
+    TOPK: ("logits", "teacher_ids", "teacher_log_probs"),
 }
 FUNCTIONS = tuple(POSITIONAL)
 INTEGER_LABELS = ("softmax_cross_entropy_with_integer_labels", *LINEAR)
@@ -548,6 +590,7 @@ DIFFERENTIABLE = (
     "teacher_hidden",
     "teacher_weight",
     "teacher_bias",
+    "teacher_log_probs",
 )
 
 
@@ -719,7 +762,7 @@ def run_configuration(d: Drawn, seed: int, k: int):
         expected = ref_grads[key]
         if key == "pos_weight":
             expected = _sum_to(expected, d, d.pos_weight_shape)
-        elif key in ("hidden", "teacher_hidden"):
+        elif key in ("hidden", "teacher_hidden", "teacher_log_probs"):
             grad = grad.reshape(expected.shape)
         elif key not in ("weights", "weight", "bias", "teacher_weight", "teacher_bias"):
             grad = d.layout.to_rows(grad)
@@ -1100,6 +1143,10 @@ GRAD_OPTIONS = {
         },
         {"where": "batch", "return_entropy": True, "temperature": 0.5},
     ],
+    TOPK: [
+        {"where": "batch", "reduction": "mean", "temperature": 2.5},
+        {"tail": "renormalize", "reduction": "sum"},
+    ],
 }
 GRAD_CASES = [
     pytest.param(name, opts, id=f"{name}-{i}")
@@ -1141,6 +1188,7 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
         "poly_loss_cross_entropy": [x, p],
         "sigmoid_focal_loss": [x, rng.uniform(0.05, 0.95, shape)],
         "generalized_kl_divergence": [np.log(q) + 0.2, p],
+        TOPK: [x],
         "linear_softmax_cross_entropy": [
             rng.normal(size=(*batch, 4)),
             rng.normal(size=(4, c)) / 2,
@@ -1180,6 +1228,15 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
     elif where == "batch":
         kw["where"] = np.arange(math.prod(batch)).reshape(batch) % 2 == 0
     diff_kw = []
+    if name == TOPK:
+        # Three distinct ids per row holding 0.3 to 0.9 of the mass, drawn
+        # apart so that the other functions' draws stay as they were.
+        trng = np.random.default_rng(seed + 100)
+        kw["teacher_ids"] = np.argsort(trng.random(shape), axis=-1)[..., :3]
+        tq = trng.uniform(0.2, 1.0, (*batch, 3))
+        tq = tq / tq.sum(-1, keepdims=True) * trng.uniform(0.3, 0.9, (*batch, 1))
+        diff_kw.append("teacher_log_probs")
+        args.append(np.log(tq))
     if opts.pop("weights", False):
         diff_kw.append("weights")
         args.append(rng.uniform(0.5, 2.0, c))

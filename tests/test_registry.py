@@ -28,6 +28,8 @@ from tests.oracle import ORACLES
 
 ROWS, CLASSES, HIDDEN = 4, 5, 3
 IGNORE = -100
+TOPK = 3  # a top-k teacher's k
+INTEGER_KINDS = ("class_ids", "teacher_ids")
 
 # One value per option, as users pass it. "where" and "weights" are built from
 # the loss's shapes below. An option missing here fails
@@ -54,6 +56,7 @@ OPTION_VALUES = {
     "soft_weight": 0.7,
     "token_weights": "array",
     "low_memory": True,
+    "tail": "renormalize",
 }
 # Options that select how, not what (reductions run for every case), or whose
 # own tests cover them: axis_name (tests/test_sharded.py, test_multihost.py),
@@ -111,6 +114,13 @@ def _draw(kind, rng, name):
         return rng.normal(size=(1, ROWS, HIDDEN + 1))
     if kind == "teacher_weight":
         return rng.normal(size=(1, HIDDEN + 1, c))
+    # A top-k teacher: distinct ids per row, mass 0.5 to 0.95 on them.
+    if kind == "teacher_ids":
+        return np.stack([rng.permutation(c)[:TOPK] for _ in range(ROWS)])[None]
+    if kind == "teacher_log_probs":
+        q = rng.uniform(0.05, 1.0, size=(1, ROWS, TOPK))
+        q = q / q.sum(-1, keepdims=True) * rng.uniform(0.5, 0.95, (1, ROWS, 1))
+        return np.log(q)
     raise AssertionError(f"no generator for input kind {kind!r}")
 
 
@@ -165,7 +175,9 @@ def _differentiable(name, kwargs):
     """Positional float inputs and float array options, by name."""
     d = REGISTRY[name]
     out = [
-        n for n, k in zip(_param_names(name), d.inputs, strict=True) if k != "class_ids"
+        n
+        for n, k in zip(_param_names(name), d.inputs, strict=True)
+        if k not in INTEGER_KINDS
     ]
     arrays = ("weights", "pos_weight", "bias", "teacher_bias")
     return out + [k for k in arrays if k in kwargs]
@@ -266,7 +278,8 @@ def _bad_inputs(name):
     kinds = REGISTRY[name].inputs
     yield "input not floating point", [native[0].astype(jnp.int32), *native[1:]], kwargs
     if len(native) > 1 and kinds[1] != "class_ids" and kinds[0] != "hidden":
-        yield "second input of another shape", [native[0], native[1][:-1]], kwargs
+        wrong = [native[0], native[1][:-1], *native[2:]]
+        yield "second input of another shape", wrong, kwargs
     if "class_ids" in kinds:
         i = kinds.index("class_ids")
         bad = list(native)
@@ -390,12 +403,17 @@ def test_half_precision_is_computed_in_float32(name):
             rows[n] = np.zeros((1, 1, c))
         elif kind == "class_ids":
             rows[n] = np.array([[7]])
+        elif kind == "teacher_ids":
+            rows[n] = np.array([[[7, 11, 3]]])
+        elif kind == "teacher_log_probs":
+            lq = np.log(np.array([[[0.2, 0.1, 0.3]]]))
+            rows[n] = lq.astype(np.float16).astype(np.float64)
         else:
             p = rng.uniform(0.5, 1.0, size=(1, 1, c))
             p = (p / p.sum()).astype(np.float16).astype(np.float64)
             rows[n] = np.log(p) if kind == "log_probs" else p
     native = [
-        jnp.asarray(rows[n][0], jnp.int32 if k == "class_ids" else jnp.float16)
+        jnp.asarray(rows[n][0], jnp.int32 if k in INTEGER_KINDS else jnp.float16)
         for n, k in zip(_param_names(name), d.inputs, strict=True)
     ]
     value = d.public(*native)

@@ -120,6 +120,9 @@ def _inputs():
         "th": logits(10, (N, D + 4), f32, scale=1.0),
         "tW": logits(11, (D + 4, C), f32, scale=1.0),
         "tbias": logits(12, (C,), f32, scale=1.0),
+        # A top-k teacher: 5 distinct global ids per row, 0.7 of the mass.
+        "tids": jnp.asarray(np.argsort(rng.random((N, C)), axis=-1)[:, :5]),
+        "tlp": jnp.log(0.7 * probabilities(13, (N, 5), dtype=f32)),
     }
 
 
@@ -142,6 +145,8 @@ KIND = {
     "th": "h",
     "tW": "W",
     "tbias": "c",
+    "tids": "h",
+    "tlp": "h",
 }
 
 
@@ -409,6 +414,9 @@ VP_CASES = {
         (0, 1, 2),
         dict(temperature=1.5, softcap=3.0),
     ),
+    # Ids are global: each shard gathers (and masks out of its rest) its own.
+    "topk": (("x", "tids", "tlp", "bmask"), (0, 2), dict(temperature=2.0)),
+    "topk_renormalize": (("x", "tids", "tlp"), (0, 2), dict(tail="renormalize")),
 }
 
 
@@ -455,6 +463,11 @@ def _vp_loss(case, reduction, axis_name):
                 where=a["bmask"],
                 return_entropy=True,
                 **kw,
+            )
+        if case.startswith("topk"):
+            mask = {"where": a["bmask"]} if "bmask" in a else {}
+            return jaxent.softmax_topk_kl_divergence(
+                a["x"], a["tids"], a["tlp"], **mask, **kw, **red
             )
         if case.startswith("linear_distill"):
             return jaxent.linear_softmax_distillation(
@@ -503,6 +516,7 @@ VP_GRID = (
     + [(case, "none", "explicit") for case in ("int_options", "linear")]
     + [("linear_log_probs", "none", "explicit")]
     + [("linear_distill", "mean", "explicit")]
+    + [("topk", "mean", "auto")]
 )
 
 
@@ -589,14 +603,18 @@ def _vp_program(case, mesh):
 
 
 @multi_device
-@pytest.mark.parametrize("case", ["int", "int_options", "soft", "softmax_kl", "jsd"])
+@pytest.mark.parametrize(
+    "case", ["int", "int_options", "soft", "softmax_kl", "jsd", "topk"]
+)
 def test_vocab_parallel_program_has_only_per_token_all_reduces(case):
     """Forward and backward together: every collective is an all-reduce of one
     value per local token (or a scalar); with class weights also their local
-    gradient, summed over the data shards. Never a logits-sized block."""
+    gradient, summed over the data shards; for a top-k teacher, its k logits
+    per token. Never a logits-sized block."""
     found = _collectives(_vp_program(case, _mesh("auto")))
     tokens, classes = N // 2, C // 4
     allowed = {1, tokens} | ({classes} if case == "int_options" else set())
+    allowed |= {tokens * 5} if case == "topk" else set()
     for op, sizes in found:
         assert op == "all-reduce", found
         assert set(sizes) <= allowed, found
