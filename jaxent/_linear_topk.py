@@ -33,7 +33,6 @@ from ._args import (
 )
 from ._define import Rule, loss
 from ._numerics import compute_dtype, tempered
-from ._reduction import reduce_loss
 from ._sharding import is_sharded
 from ._softmax import normalizer, plain_normalizer, plain_sum, probs
 from ._streaming import (
@@ -44,6 +43,7 @@ from ._streaming import (
     optional_positive,
     partitioned,
     per_platform_chunk,
+    reduce_tokens,
     scale_grads,
     softcap,
     token_coefficients,
@@ -309,9 +309,7 @@ def linear_topk_distillation(
         else:
             out = core(*arrays, axis_name, opts)
         out = out.reshape(batch)
-        if tweights is not None:
-            out = out * tweights.astype(out.dtype)
-        out = reduce_loss(out, reduction, jnp.sum(counted))
+        out = reduce_tokens(out, tweights, counted, reduction)
     return out.astype(acc)
 
 
@@ -357,8 +355,7 @@ def _chunk(x, ids, lq, y, counted, ok, g, axis_name, opts: _Opts):
     keep = counted[:, None]
     ids = jnp.where(keep, ids, 0)
     lq = jnp.where(keep, lq, -jnp.inf)
-    scale = jnp.where(counted, jnp.where(ok, 1.0, jnp.nan), 0.0).astype(acc)
-    g = (g.astype(acc) * scale)[:, None]
+    g = jnp.where(counted, jnp.where(ok, g.astype(acc), jnp.nan), 0.0)[:, None]
     loss = jnp.zeros(x.shape[:1], acc)
     gx = jnp.zeros((), acc)
     if opts.soft:
