@@ -8,8 +8,8 @@ term (``hard_weight=0.5``), for ``jax.value_and_grad`` w.r.t. the student's
 
 1. the matmul FLOPs counted in the jaxpr (:mod:`benchmarks._flops`) over the
    materialized path's (bar <= 1.02);
-2. compiled temp memory of ``jaxent.linear_topk_distillation`` (default and
-   ``low_memory=True``) against two materialized paths: ``reference``
+2. compiled temp memory of ``jaxent.linear_topk_distillation`` against two
+   materialized paths: ``reference``
    (``jaxent.reference.linear_topk_distillation``, the plain-JAX twin) and
    ``jnp`` (the bucket KL written with ``jax.nn.log_softmax``, a gather and a
    masked log-sum-exp); bar <= 10%;
@@ -89,7 +89,6 @@ def bars(n, d, v, k, repeats):
     args = inputs(n, d, v, k)
     steps = {
         "fused": step(fused_loss),
-        "low_memory": step(lambda *a: fused_loss(*a, low_memory=True)),
         "reference": step(reference_loss),
         "jnp": step(jnp_loss),
     }
@@ -107,7 +106,7 @@ def bars(n, d, v, k, repeats):
         f"  matmul FLOPs / materialized: {flops['fused'] / flops['reference']:.3f} "
         "(bar <= 1.02)"
     )
-    for name in ("low_memory", "reference", "jnp"):
+    for name in ("reference", "jnp"):
         ln, gn = outs[name]
         err = max(max_rel(a, b) for a, b in zip(gf, gn, strict=True))
         print(

@@ -5,8 +5,8 @@ matmul at all: the teacher is its per-token top-k ids and log-probabilities
 (offline distillation). Both paths stream over token chunks with full rows of
 the vocabulary (:func:`jaxent._streaming.forward_grads`), whose per-row top-k
 divergence is :mod:`jaxent._topk`'s: scalar reductions form the gradient in the
-forward pass (three matmuls); ``"none"`` and ``low_memory`` recompute each
-chunk in the backward (four).
+forward pass (three matmuls); ``"none"`` recomputes each chunk in the
+backward (four).
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ def linear_topk_distillation(
     reduction: str = "none",
     block_size: int | tuple[int, int] | None = None,
     axis_name: Hashable | None = None,
-    low_memory: bool = False,
 ) -> jax.Array:
     r"""Distillation of a stored top-k teacher into a student's head without
     materializing the student's logits.
@@ -132,7 +131,7 @@ def linear_topk_distillation(
     ``"mean"``, each chunk's loss and logits gradient are formed in the
     forward pass and feed the gradient matmuls right away (three student
     matmuls, as with materialized logits; the backward scales the stored
-    gradients); ``reduction="none"`` or ``low_memory=True`` recompute each
+    gradients); ``reduction="none"`` (a per-token cotangent) recomputes each
     chunk in the backward (four). Temp memory: a few float32 chunks of about
     ``2**22`` logits on CPU (``2**26`` on GPU/TPU) plus, for the scalar
     reductions, a float32 ``d weight`` accumulator; no ``[N, V]`` array.
@@ -178,8 +177,6 @@ def linear_topk_distillation(
       axis_name: mesh axis over which ``weight`` and ``bias`` are sharded by
         columns, inside ``shard_map`` (vocab-parallel): per-token statistics
         and ``d hidden`` are all-reduced.
-      low_memory: with ``"sum"``/``"mean"``, trade time for memory: recompute
-        the chunks in the backward (no weight-sized float32 accumulator).
 
     Returns:
       per-token losses of ``hidden``'s leading shape for ``reduction="none"``,
@@ -225,8 +222,6 @@ def linear_topk_distillation(
     reduction = check_reduction(fn, reduction)
     blocks = block_size_arg(fn, block_size)
     ignore_index = check_index(fn, "ignore_index", ignore_index)
-    if not isinstance(low_memory, bool | np.bool_):
-        raise TypeError(f"{fn}: `low_memory` must be a bool; got {low_memory!r}.")
     _check_shapes(fn, h, w, ids, lq)
     batch = h.shape[:-1]
     if labels is None:
@@ -292,7 +287,7 @@ def linear_topk_distillation(
         ok,
     )
     sharded = axis_name is None and any(is_sharded(a) for a in arrays if a is not None)
-    if reduction != "none" and not low_memory:
+    if reduction != "none":
         coef = token_coefficients(counted, tweights, reduction, acc).reshape(n)
         core = impl(_TOPK_SUM)
         arrays = (*arrays, coef)
