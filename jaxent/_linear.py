@@ -37,12 +37,19 @@ from ._args import (
 )
 from ._define import Rule, loss
 from ._numerics import compute_dtype
-from ._sharding import is_sharded, vary, vma
+from ._sharding import vary, vma
 
 # The tiling, the blocked loops and the tile helpers are shared with the fused
 # distillation loss (jaxent/_linear_distill.py): see jaxent/_streaming.py.
 from ._streaming import TILE_ACCELERATOR as _TILE_ACCELERATOR
 from ._streaming import TILE_CPU as _TILE_CPU
+from ._streaming import (
+    bias_arg,
+    online_max_sumexp,
+    run_head,
+    scale_grads,
+    token_weights_arg,
+)
 from ._streaming import block_size_arg as _block_size
 from ._streaming import blocked as _blocked
 from ._streaming import blocks as _blocks
@@ -51,14 +58,6 @@ from ._streaming import col_offset as _col_offset
 from ._streaming import common_float as _common_float
 from ._streaming import forward_grads as _forward_grads
 from ._streaming import logits_tile as _logits_tile
-from ._streaming import (
-    online_max_sumexp,
-    partitioned,
-    reduce_tokens,
-    scale_grads,
-    token_coefficients,
-    token_weights_arg,
-)
 from ._streaming import optional_positive as _optional_positive
 from ._streaming import per_platform_chunk as _per_platform_chunk
 from ._streaming import slice_rows as _slice_rows
@@ -299,13 +298,8 @@ def linear_softmax_cross_entropy(
             raise TypeError(f"{fn}: `{name}` must be a bool; got {flag!r}.")
     _check_shapes(fn, h, w, y)
     dtype = _common_float(h.dtype, w.dtype)
-    b = None
-    if bias is not None:
-        b = as_float(fn, "bias", bias)
-        if b.shape != (w.shape[1],):
-            raise ValueError(
-                f"{fn}: `bias` must be [V] = ({w.shape[1]},); got {describe(b)}."
-            )
+    b = bias_arg(fn, "bias", bias, w.shape[1])
+    if b is not None:
         dtype = _common_float(dtype, b.dtype)
         b = b.astype(dtype)
     counted = jnp.ones(y.shape, bool)
@@ -334,30 +328,21 @@ def linear_softmax_cross_entropy(
     y32 = jnp.where(in_range, y, -1).astype(jnp.int32)
     params = (h.astype(dtype).reshape(n, d), w.astype(dtype), b)
     rest = (y32, counted.reshape(n), in_range)
-    acc = compute_dtype(dtype)
-    if reduction != "none" and not low_memory and chosen == "xla":
-        # The loss is sum_i c_i loss_i with c_i known now: gradients in the
-        # forward pass (see _fused_sum).
-        coef = token_coefficients(counted, tw, reduction, acc).reshape(n)
-        core = impl(_LINEAR_SUM)
-        arrays = (*params, *rest, coef)
-        sharded = any(is_sharded(a) for a in arrays if a is not None)
-        if axis_name is None and sharded:
-            out, aux = partitioned(
-                lambda *args: core(*args, opts), arrays, (*_LAYOUT, "tokens"), True
-            )
-        else:
-            out, aux = core(*arrays, axis_name, opts)
-    else:
-        core = impl(_LINEAR)
-        arrays = (*params, *rest)
-        if axis_name is None and any(is_sharded(a) for a in arrays if a is not None):
-            out, aux = partitioned(lambda *args: core(*args, opts), arrays, _LAYOUT)
-        else:
-            out, aux = core(*arrays, axis_name, opts)
-        out = out.reshape(batch)
-        out = reduce_tokens(out, tw, counted, reduction)
-    out = out.astype(acc)
+    out, aux = run_head(
+        impl,
+        (_LINEAR_SUM, _LINEAR),
+        (*params, *rest),
+        _LAYOUT,
+        opts,
+        axis_name=axis_name,
+        reduction=reduction,
+        # The Pallas kernels implement the recompute path.
+        recompute=low_memory or chosen != "xla",
+        counted=counted,
+        token_weights=tw,
+        acc=compute_dtype(dtype),
+        aux=True,
+    )
     if not return_aux:
         return out
     lse, argmax = (lax.stop_gradient(a).reshape(batch) for a in aux)

@@ -41,9 +41,10 @@ from ._define import Rule, loss
 from ._distill import _JSDOpts, _log_ratios, _softmax_jsd_plain
 from ._divergence import _softmax_kl_plain
 from ._numerics import compute_dtype, mul0, tempered
-from ._sharding import is_sharded, vary, vma
+from ._sharding import vary, vma
 from ._softmax import plain_normalizer, plain_sum
 from ._streaming import (
+    bias_arg,
     block_size_arg,
     blocked,
     blocks,
@@ -56,14 +57,12 @@ from ._streaming import (
     logits_tile,
     online_max_sumexp,
     optional_positive,
-    partitioned,
     per_platform_chunk,
     per_platform_tile,
-    reduce_tokens,
+    run_head,
     scale_grads,
     slice_rows,
     softcap,
-    token_coefficients,
     token_weights_arg,
     update_rows,
 )
@@ -269,8 +268,8 @@ def linear_softmax_distillation(
             )
     dtype = common_float(h.dtype, w.dtype)
     tdtype = common_float(th.dtype, tw.dtype)
-    b = _bias(fn, "bias", bias, w.shape[1])
-    tb = _bias(fn, "teacher_bias", teacher_bias, w.shape[1])
+    b = bias_arg(fn, "bias", bias, w.shape[1])
+    tb = bias_arg(fn, "teacher_bias", teacher_bias, w.shape[1])
     if b is not None:
         dtype = common_float(dtype, b.dtype)
         b = b.astype(dtype)
@@ -313,29 +312,20 @@ def linear_softmax_distillation(
         counted.reshape(n),
         in_range,
     )
-    acc = compute_dtype(dtype)
-    sharded = axis_name is None and any(is_sharded(a) for a in arrays if a is not None)
-    if reduction != "none" and not low_memory:
-        # The loss is sum_i c_i loss_i with c_i known now: gradients in the
-        # forward pass (see _fused_sum).
-        coef = token_coefficients(counted, tweights, reduction, acc).reshape(n)
-        core = impl(_DISTILL_SUM)
-        arrays = (*arrays, coef)
-        if sharded:
-            layout = (*_LAYOUT, "tokens")
-            out = partitioned(lambda *a: (core(*a, opts), None), arrays, layout, True)
-            out = out[0]
-        else:
-            out = core(*arrays, axis_name, opts)
-    else:
-        core = impl(_DISTILL)
-        if sharded:
-            out = partitioned(lambda *args: core(*args, opts), arrays, _LAYOUT)
-        else:
-            out = core(*arrays, axis_name, opts)
-        out = out.reshape(batch)
-        out = reduce_tokens(out, tweights, counted, reduction)
-    return out.astype(acc)
+    out, _ = run_head(
+        impl,
+        (_DISTILL_SUM, _DISTILL),
+        arrays,
+        _LAYOUT,
+        opts,
+        axis_name=axis_name,
+        reduction=reduction,
+        recompute=low_memory,
+        counted=counted,
+        token_weights=tweights,
+        acc=compute_dtype(dtype),
+    )
+    return out
 
 
 # Layouts of the rule's arrays for :func:`jaxent._streaming.partitioned`.
@@ -370,15 +360,6 @@ def _check_shapes(fn: str, h, w, th, tw) -> None:
             f"{fn}: `teacher_hidden` must have hidden's leading shape "
             f"{h.shape[:-1]}; got {describe(th)}."
         )
-
-
-def _bias(fn: str, name: str, bias, v: int):
-    if bias is None:
-        return None
-    b = as_float(fn, name, bias)
-    if b.shape != (v,):
-        raise ValueError(f"{fn}: `{name}` must be [V] = ({v},); got {describe(b)}.")
-    return b
 
 
 # -- the fused rule ----------------------------------------------------------------

@@ -33,20 +33,18 @@ from ._args import (
 )
 from ._define import Rule, loss
 from ._numerics import compute_dtype, tempered
-from ._sharding import is_sharded
 from ._softmax import normalizer, plain_normalizer, plain_sum, probs
 from ._streaming import (
+    bias_arg,
     block_size_arg,
     chunk_rows,
     common_float,
     forward_grads,
     optional_positive,
-    partitioned,
     per_platform_chunk,
-    reduce_tokens,
+    run_head,
     scale_grads,
     softcap,
-    token_coefficients,
     token_weights_arg,
 )
 from ._topk import (
@@ -240,13 +238,8 @@ def linear_topk_distillation(
                 f"{describe(y)}."
             )
     dtype = common_float(h.dtype, w.dtype)
-    b = None
-    if bias is not None:
-        b = as_float(fn, "bias", bias)
-        if b.shape != (w.shape[1],):
-            raise ValueError(
-                f"{fn}: `bias` must be [V] = ({w.shape[1]},); got {describe(b)}."
-            )
+    b = bias_arg(fn, "bias", bias, w.shape[1])
+    if b is not None:
         dtype = common_float(dtype, b.dtype)
         b = b.astype(dtype)
     counted = jnp.ones(batch, bool)
@@ -286,26 +279,20 @@ def linear_topk_distillation(
         counted.reshape(n),
         ok,
     )
-    sharded = axis_name is None and any(is_sharded(a) for a in arrays if a is not None)
-    if reduction != "none":
-        coef = token_coefficients(counted, tweights, reduction, acc).reshape(n)
-        core = impl(_TOPK_SUM)
-        arrays = (*arrays, coef)
-        if sharded:
-            layout = (*_LAYOUT, "tokens")
-            out = partitioned(lambda *a: (core(*a, opts), None), arrays, layout, True)
-            out = out[0]
-        else:
-            out = core(*arrays, axis_name, opts)
-    else:
-        core = impl(_TOPK)
-        if sharded:
-            out = partitioned(lambda *a: core(*a, opts), arrays, _LAYOUT)
-        else:
-            out = core(*arrays, axis_name, opts)
-        out = out.reshape(batch)
-        out = reduce_tokens(out, tweights, counted, reduction)
-    return out.astype(acc)
+    out, _ = run_head(
+        impl,
+        (_TOPK_SUM, _TOPK),
+        arrays,
+        _LAYOUT,
+        opts,
+        axis_name=axis_name,
+        reduction=reduction,
+        recompute=False,
+        counted=counted,
+        token_weights=tweights,
+        acc=acc,
+    )
+    return out
 
 
 # Layouts of the rule's arrays for :func:`jaxent._streaming.partitioned`.

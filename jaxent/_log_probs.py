@@ -30,6 +30,7 @@ from ._numerics import compute_dtype, mul0, tempered
 from ._sharding import is_sharded, vary, vma
 from ._softmax import plain_normalizer, plain_sum
 from ._streaming import (
+    bias_arg,
     block_size_arg,
     blocked,
     blocks,
@@ -184,13 +185,8 @@ def linear_log_probs(
     blocks_given = block_size_arg(fn, block_size)
     _check_shapes(fn, h, w, y)
     dtype = common_float(h.dtype, w.dtype)
-    b = None
-    if bias is not None:
-        b = as_float(fn, "bias", bias)
-        if b.shape != (w.shape[1],):
-            raise ValueError(
-                f"{fn}: `bias` must be [V] = ({w.shape[1]},); got {describe(b)}."
-            )
+    b = bias_arg(fn, "bias", bias, w.shape[1])
+    if b is not None:
         dtype = common_float(dtype, b.dtype)
         b = b.astype(dtype)
     counted = jnp.ones(y.shape, bool)

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec
 from ._args import as_float, check_positive, describe
 from ._numerics import compute_dtype
 from ._reduction import reduce_loss
-from ._sharding import replicated, reshard, spec, vary, vma
+from ._sharding import is_sharded, replicated, reshard, spec, vary, vma
 
 # Default tiling of the "xla" implementation, measured with
 # benchmarks/linear_ce.py --sweep (forward + backward). CPU, N=2048, D=256,
@@ -105,6 +105,62 @@ def token_coefficients(counted, token_weights, reduction: str, dtype):
     if reduction == "mean":
         coef = coef / jnp.maximum(jnp.sum(counted), 1).astype(dtype)
     return coef
+
+
+def bias_arg(fn: str, name: str, bias, v: int):
+    """``bias`` as a floating ``[V]`` array (None kept)."""
+    if bias is None:
+        return None
+    b = as_float(fn, name, bias)
+    if b.shape != (v,):
+        raise ValueError(f"{fn}: `{name}` must be [V] = ({v},); got {describe(b)}.")
+    return b
+
+
+def run_head(
+    impl,
+    rules,
+    arrays,
+    layout,
+    opts,
+    *,
+    axis_name,
+    reduction: str,
+    recompute: bool,
+    counted,
+    token_weights,
+    acc,
+    aux: bool = False,
+):
+    """A fused head's loss (and its per-token aux outputs, else None) from its
+    rules ``(scalar, per_token)``, the rule arrays and their ``layout`` (see
+    :func:`partitioned`).
+
+    A ``"sum"``/``"mean"`` is ``sum_i c_i loss_i`` with the coefficients known
+    now (:func:`token_coefficients`): unless ``recompute``, the scalar rule,
+    which forms the gradient in the forward pass. Otherwise the per-token
+    rule, whose backward recomputes the logits, then :func:`reduce_tokens`.
+    Explicitly sharded inputs run per shard (:func:`partitioned`).
+    """
+    scalar = reduction != "none" and not recompute
+    if scalar:
+        coef = token_coefficients(counted, token_weights, reduction, acc)
+        arrays, layout = (*arrays, coef.reshape(-1)), (*layout, "tokens")
+    core = impl(rules[0] if scalar else rules[1])
+
+    def call(*args):
+        out = core(*args, opts)
+        return out if aux else (out, None)
+
+    if axis_name is None and any(is_sharded(a) for a in arrays if a is not None):
+        out, extra = partitioned(call, arrays, layout, scalar)
+    else:
+        out, extra = call(*arrays, axis_name)
+    if not scalar:
+        out = reduce_tokens(
+            out.reshape(counted.shape), token_weights, counted, reduction
+        )
+    return out.astype(acc), extra
 
 
 def reduce_tokens(loss, token_weights, counted, reduction: str):
