@@ -20,7 +20,8 @@ asserted; the script exits 0.
 Usage::
 
     python -m benchmarks.first_call            # every optax-named loss, 5 repeats
-    python -m benchmarks.first_call --quick    # two losses, 3 repeats (CI)
+    python -m benchmarks.first_call --quick    # one loss and the head, 3 repeats (CI)
+    python -m benchmarks.first_call --losses kl_divergence --modes repeat --no-head
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ LOSSES = {
     "generalized_kl_divergence": "probs",
     "convex_kl_divergence": "probs",
 }
-QUICK = ("softmax_cross_entropy_with_integer_labels", "softmax_cross_entropy")
+QUICK = ("softmax_cross_entropy_with_integer_labels",)
 MODES = ("first", "grad", "repeat")
 LIBS = ("jaxent", "optax")
 
@@ -168,8 +169,10 @@ def _row(label, j, o, unit, scale):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two losses, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="one loss, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--losses", help="comma-separated loss names")
+    parser.add_argument("--modes", default=",".join(MODES), help="first,grad,repeat")
     parser.add_argument("--no-head", action="store_true", help="skip the fused head")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +187,10 @@ def main():
 
     repeats = args.repeats or (3 if args.quick else 5)
     names = QUICK if args.quick else tuple(LOSSES)
-    jobs = [(name, mode) for name in names for mode in MODES]
+    if args.losses:
+        names = tuple(args.losses.split(","))
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    jobs = [(name, mode) for name in names for mode in modes]
     if not args.no_head:
         jobs += [("head", "first"), ("head", "repeat")]
     samples = {(lib, *job): [] for job in jobs for lib in LIBS}
@@ -209,6 +215,8 @@ def main():
         ("grad", 3, 1.0, "first eager jax.grad (s)"),
         ("repeat", 3, 1e3, "repeated eager call (ms)"),
     ):
+        if mode not in modes:
+            continue
         print(f"| {title:<42} | {'jaxent':>8} | {'optax':>8} | {'j/o':>5} |")
         print(f"|{'-' * 44}|{'-' * 10}|{'-' * 10}|{'-' * 7}|")
         for name in names:
