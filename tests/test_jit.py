@@ -12,31 +12,15 @@ import jaxent
 from jaxent import reference
 from jaxent._define import REGISTRY
 from tests.helpers import assert_close
+from tests.test_registry import _draw
 
 pytestmark = pytest.mark.filterwarnings("ignore:convex_kl_divergence is deprecated")
 
-ROWS, CLASSES, HIDDEN = 3, 5, 4
-SHAPES = {
-    "hidden": (ROWS, HIDDEN),
-    "weight": (HIDDEN, CLASSES),
-    "teacher_hidden": (ROWS, HIDDEN + 1),
-    "teacher_weight": (HIDDEN + 1, CLASSES),
-}
-
 
 def _args(name, seed):
+    """The registry tests' inputs of every kind, as jax arrays."""
     rng = np.random.default_rng(seed)
-    out = []
-    for kind in REGISTRY[name].inputs:
-        if kind == "class_ids":
-            out.append(jnp.asarray(rng.integers(0, CLASSES, ROWS)))
-        elif kind in ("probs", "binary"):
-            p = rng.uniform(0.05, 1.0, (ROWS, CLASSES))
-            out.append(jnp.asarray(p / p.sum(-1, keepdims=True)))
-        else:
-            shape = SHAPES.get(kind, (ROWS, CLASSES))
-            out.append(jnp.asarray(rng.normal(size=shape)))
-    return out
+    return [jnp.asarray(_draw(kind, rng, name)[0]) for kind in REGISTRY[name].inputs]
 
 
 FUNCTIONS = [
