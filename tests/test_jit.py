@@ -32,13 +32,16 @@ FUNCTIONS = [
 
 @pytest.mark.parametrize(("name", "fn"), FUNCTIONS)
 def test_repeated_eager_call_does_not_retrace(name, fn):
+    # Other tests in this process may have traced the same function with
+    # other options: count what these calls add, not the cache's size.
     options = {"reduction": "sum"} if "reduction" in REGISTRY[name].parameters else {}
     for kwargs in ({}, options):
+        before = _traces(fn)
         fn(*_args(name, 0), **kwargs)
         size = _traces(fn)
+        assert size - before <= 1
         fn(*_args(name, 1), **kwargs)
         assert _traces(fn) == size
-    assert size == (2 if options else 1)
 
 
 def _traces(fn):
