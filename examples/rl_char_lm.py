@@ -31,7 +31,7 @@ the last steps is clearly above that of the first ones.
 Usage::
 
     python examples/rl_char_lm.py                       # ~4 min on 2 CPU cores
-    python examples/rl_char_lm.py --quick               # ~40 s, a CI smoke test
+    python examples/rl_char_lm.py --quick               # ~35 s, a CI smoke test
     python examples/rl_char_lm.py --out rl_reward.png
 """
 
@@ -53,7 +53,7 @@ import jaxent
 # group continuations of gen_len bytes after prompt_len prompt bytes per step.
 FULL = dict(
     model=dict(lm.FULL, steps=300),
-    rl_steps=60,
+    rl_steps=40,
     prompts=8,
     group=8,
     prompt_len=16,
@@ -104,26 +104,22 @@ def log_probs(params, seqs, prompt_len, heads):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "heads"))
-def rollout(params, ref, prompts, key, *, cfg, heads):
-    """Samples a group of continuations per prompt; returns the sequences, the
-    rewards, the group-normalized advantages and the sampling and reference
-    policies' log-probabilities."""
-    cfg = dict(cfg)
+@functools.partial(jax.jit, static_argnames=("group", "gen_len", "heads"))
+def rollout(params, ref, prompts, key, *, group, gen_len, heads):
+    """Samples ``group`` continuations of each prompt ``[B, P]``; returns the
+    sequences, the rewards, the group-normalized advantages and the sampling
+    and reference policies' log-probabilities."""
+    prompt_len = prompts.shape[1]
     seqs = lm.sample_continuations(
-        params,
-        jnp.repeat(prompts, cfg["group"], axis=0),
-        key,
-        length=cfg["gen_len"],
-        heads=heads,
+        params, jnp.repeat(prompts, group, axis=0), key, length=gen_len, heads=heads
     )
-    rewards = reward(seqs[:, cfg["prompt_len"] :])
-    grouped = rewards.reshape(-1, cfg["group"])
+    rewards = reward(seqs[:, prompt_len:])
+    grouped = rewards.reshape(-1, group)
     adv = (grouped - grouped.mean(1, keepdims=True)) / (
         grouped.std(1, keepdims=True) + 1e-4
     )
-    lp_old, _ = log_probs(params, seqs, cfg["prompt_len"], heads)
-    lp_ref, _ = log_probs(ref, seqs, cfg["prompt_len"], heads)
+    lp_old, _ = log_probs(params, seqs, prompt_len, heads)
+    lp_ref, _ = log_probs(ref, seqs, prompt_len, heads)
     return seqs, rewards, adv.reshape(-1), lp_old, lp_ref
 
 
@@ -207,16 +203,17 @@ def main(argv=None):
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(RL_LR))
     opt_state = optimizer.init(params)
     step = make_rl_step(optimizer, mode["prompt_len"], cfg["heads"])
-    frozen_mode = tuple(sorted(mode.items()))
     rewards, kls, entropies = [], [], []
     for i in range(1, rl_steps + 1):
+        # Windows of prompt_len bytes (sample_batch adds one for the targets).
         prompts = lm.sample_batch(rng, data, mode["prompts"], mode["prompt_len"] - 1)
         seqs, r, adv, lp_old, lp_ref = rollout(
             params,
             ref,
             prompts,
             jax.random.fold_in(key_rl, i),
-            cfg=frozen_mode,
+            group=mode["group"],
+            gen_len=mode["gen_len"],
             heads=cfg["heads"],
         )
         for _ in range(EPOCHS):
