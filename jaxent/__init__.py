@@ -30,6 +30,7 @@ from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entrop
 from ._linear_distill import (
     linear_softmax_distillation as linear_softmax_distillation,
 )
+from ._linear_topk import linear_topk_distillation as linear_topk_distillation
 from ._log_probs import linear_log_probs as linear_log_probs
 from ._sigmoid import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from ._sigmoid import sigmoid_focal_loss as sigmoid_focal_loss
@@ -54,6 +55,7 @@ __all__ = [
     "linear_log_probs",
     "linear_softmax_cross_entropy",
     "linear_softmax_distillation",
+    "linear_topk_distillation",
     "log_softmax",
     "poly_loss_cross_entropy",
     "reference",

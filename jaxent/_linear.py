@@ -37,7 +37,6 @@ from ._args import (
 )
 from ._define import Rule, loss
 from ._numerics import compute_dtype
-from ._reduction import reduce_loss
 from ._sharding import is_sharded, vary, vma
 
 # The tiling, the blocked loops and the tile helpers are shared with the fused
@@ -55,6 +54,7 @@ from ._streaming import logits_tile as _logits_tile
 from ._streaming import (
     online_max_sumexp,
     partitioned,
+    reduce_tokens,
     scale_grads,
     token_coefficients,
     token_weights_arg,
@@ -356,9 +356,7 @@ def linear_softmax_cross_entropy(
         else:
             out, aux = core(*arrays, axis_name, opts)
         out = out.reshape(batch)
-        if tw is not None:
-            out = out * tw.astype(out.dtype)
-        out = reduce_loss(out, reduction, jnp.sum(counted))
+        out = reduce_tokens(out, tw, counted, reduction)
     out = out.astype(acc)
     if not return_aux:
         return out

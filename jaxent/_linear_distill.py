@@ -41,7 +41,6 @@ from ._define import Rule, loss
 from ._distill import _JSDOpts, _log_ratios, _softmax_jsd_plain
 from ._divergence import _softmax_kl_plain
 from ._numerics import compute_dtype, mul0, tempered
-from ._reduction import reduce_loss
 from ._sharding import is_sharded, vary, vma
 from ._softmax import plain_normalizer, plain_sum
 from ._streaming import (
@@ -60,6 +59,7 @@ from ._streaming import (
     partitioned,
     per_platform_chunk,
     per_platform_tile,
+    reduce_tokens,
     scale_grads,
     slice_rows,
     softcap,
@@ -334,9 +334,7 @@ def linear_softmax_distillation(
         else:
             out = core(*arrays, axis_name, opts)
         out = out.reshape(batch)
-        if tweights is not None:
-            out = out * tweights.astype(out.dtype)
-        out = reduce_loss(out, reduction, jnp.sum(counted))
+        out = reduce_tokens(out, tweights, counted, reduction)
     return out.astype(acc)
 
 

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 from ._args import as_float, check_positive, describe
 from ._numerics import compute_dtype
+from ._reduction import reduce_loss
 from ._sharding import replicated, reshard, spec, vary, vma
 
 # Default tiling of the "xla" implementation, measured with
@@ -99,10 +100,21 @@ def token_coefficients(counted, token_weights, reduction: str, dtype):
     tokens for ``"mean"`` (all 0 when none is counted)."""
     coef = counted.astype(dtype)
     if token_weights is not None:
-        coef = coef * token_weights.astype(dtype)
+        # An excluded token's weight (padding: any value) is never used.
+        coef = jnp.where(counted, token_weights.astype(dtype), 0.0)
     if reduction == "mean":
         coef = coef / jnp.maximum(jnp.sum(counted), 1).astype(dtype)
     return coef
+
+
+def reduce_tokens(loss, token_weights, counted, reduction: str):
+    """Per-token losses times ``token_weights`` (0 where a token is not
+    counted, whatever its weight), reduced; a mean is over counted tokens."""
+    if token_weights is not None:
+        # Selected before the product, so that its derivative never meets
+        # an excluded token's weight either.
+        loss = loss * jnp.where(counted, token_weights.astype(loss.dtype), 0.0)
+    return reduce_loss(loss, reduction, jnp.sum(counted))
 
 
 def common_float(a, b) -> jnp.dtype:

@@ -25,6 +25,7 @@ from . import (  # noqa: F401 (register)
     _divergence,
     _linear,
     _linear_distill,
+    _linear_topk,
     _log_probs,
     _sigmoid,
     _softmax,

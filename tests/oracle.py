@@ -545,6 +545,64 @@ def ref_softmax_topk_kl_divergence(xp, a, o, g):
 ref_convex_kl_divergence = ref_generalized_kl_divergence
 
 
+def ref_linear_topk_distillation(xp, a, o, g):
+    """Materialized student logits ``x = h W + b`` (capped): ``soft_weight``
+    times the top-k KL of ``ref_softmax_topk_kl_divergence`` plus
+    ``hard_weight`` times the integer-label cross-entropy of ``x`` (at T = 1),
+    per token; a token mask (``where``, ``ignore_index``) excludes tokens. The
+    teacher's log-probabilities are frozen: zero gradients."""
+    hard, soft = o.get("hard_weight", 0.0), o.get("soft_weight", 1.0)
+    h, w = a["hidden"], a["weight"]
+    x = xp.matmul(h, w)
+    if "bias" in a:
+        x = x + a["bias"][:, None, :]
+    cap = o.get("softcap")
+    if cap is not None:
+        capped = xp.tanh(x / cap)
+        x = xp.where(x == -xp.inf, -xp.inf, cap * capped)
+    labels = a["labels"]
+    kept = xp.ones(labels.shape, dtype=bool)
+    if "where" in a:
+        kept = kept & a["where"][..., 0]
+    if o.get("ignore_index") is not None:
+        kept = kept & (labels != o["ignore_index"])
+    unit = xp.ones(labels.shape, dtype=x.dtype)
+    loss, dx = xp.zeros_like(unit), xp.zeros_like(x)
+    if soft:
+        inner = {
+            "logits": x,
+            "teacher_ids": a["teacher_ids"],
+            "teacher_log_probs": a["teacher_log_probs"],
+        }
+        topk_opts = {
+            "temperature": o.get("temperature", 1.0),
+            "tail": o.get("tail", "bucket"),
+            "reduction": "none",
+        }
+        kl, grads = ref_softmax_topk_kl_divergence(xp, inner, topk_opts, unit)
+        loss, dx = loss + soft * kl, dx + soft * grads["logits"]
+    if hard:
+        inner = {"logits": x, "labels": xp.where(kept, labels, 0)}
+        ce, grads = ref_softmax_cross_entropy_with_integer_labels(
+            xp, inner, {"reduction": "none"}, unit
+        )
+        loss, dx = loss + hard * ce, dx + hard * grads["logits"]
+    count = xp.sum(kept, axis=1).astype(x.dtype)
+    value = _reduce(xp, xp.where(kept, loss, 0), o["reduction"], count)
+    coef = xp.where(kept[..., None], _coef(xp, g, o["reduction"], x.shape, count), 0)
+    dx = coef * dx
+    if cap is not None:
+        dx = dx * (1 - capped**2)
+    out = {
+        "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
+        "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
+        "teacher_log_probs": xp.zeros_like(a["teacher_log_probs"]),
+    }
+    if "bias" in a:
+        out["bias"] = xp.sum(dx, axis=1)
+    return value, out
+
+
 def _token_weighted(ref):
     """``ref`` taking ``token_weights`` [K, R] (a fused head's option): each
     token's loss scaled by its weight, a mean still over the counted tokens;
@@ -572,6 +630,7 @@ def _token_weighted(ref):
 
 ref_linear_softmax_cross_entropy = _token_weighted(ref_linear_softmax_cross_entropy)
 ref_linear_softmax_distillation = _token_weighted(ref_linear_softmax_distillation)
+ref_linear_topk_distillation = _token_weighted(ref_linear_topk_distillation)
 
 ORACLES = {
     name[len("ref_") :]: fn

@@ -149,7 +149,7 @@ INTEGER_KINDS = ("class_ids", "teacher_ids")
 # marks an elementwise loss, with no class axis.
 LOGITS_SHAPED = ("logits", "probs", "log_probs", "binary")
 # Array-valued options, built from the logits' shape by _options.
-ARRAY_OPTIONS = ("weights", "pos_weight", "bias", "teacher_bias")
+ARRAY_OPTIONS = ("weights", "pos_weight", "bias", "teacher_bias", "token_weights")
 # Known library bugs: (test, case label) -> what is wrong. Each such case is
 # marked xfail(strict=True) until the library is fixed.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
@@ -1402,6 +1402,7 @@ BAD_OPTIONS = {
     ],
     "implementation": [("implementation unknown", "cuda", ValueError, "'cuda'")],
     "return_aux": [("return_aux not a bool", 1, TypeError, "1")],
+    "low_memory": [("low_memory not a bool", "no", TypeError, "'no'")],
     "return_entropy": [("return_entropy not a bool", "yes", TypeError, "'yes'")],
     "tail": [("tail unknown", "exact", ValueError, "'exact'")],
 }
@@ -1517,6 +1518,21 @@ def _bad_inputs_of(name):
             "pos_weight",
             "int32",
             pos_weight=jnp.ones(c, jnp.int32),
+        )
+    if "token_weights" in params:
+        bad(
+            "token_weights of the wrong shape",
+            ValueError,
+            "token_weights",
+            f"({batch[0] + 1},)",
+            token_weights=jnp.ones((batch[0] + 1,)),
+        )
+        bad(
+            "token_weights not floating point",
+            TypeError,
+            "token_weights",
+            "int32",
+            token_weights=jnp.ones(batch, jnp.int32),
         )
     for option in ("bias", "teacher_bias"):
         if option in params:
@@ -1644,3 +1660,68 @@ def test_bad_input_raises_at_trace_time(
     message = str(info.value)
     assert f"`{argument}`" in message, message
     assert received in message, message
+
+
+def _fused_heads():
+    return [n for n in _names() if "token_weights" in REGISTRY[n].parameters]
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize(
+    ("name", "low_memory"),
+    [
+        (name, low)
+        for name in _fused_heads()
+        for low in (False, True)
+        if not low or "low_memory" in REGISTRY[name].parameters
+    ],
+)
+def test_token_weights_of_excluded_tokens_do_not_leak(name, low_memory, reduction):
+    """NaN, inf and huge weights on tokens excluded by ``where`` or
+    ``ignore_index`` reach neither the loss nor a gradient; a weight of 0 on a
+    counted token removes it from the sum (not from the mean's count); a
+    negative weight (an advantage) flips its gradient."""
+    arrays = _inputs(name, (6, 9), seed=3)
+    ids = _positional(name)[_kinds(name).index("class_ids")]
+    labels = arrays[_kinds(name).index("class_ids")].at[1].set(-100)
+    arrays[_kinds(name).index("class_ids")] = labels
+    keep = jnp.array([True, True, False, True, True, True])
+    tw = jnp.array([1.0, jnp.nan, jnp.inf, 0.0, -2.0, 1e30])
+    kw = dict(where=keep, reduction=reduction)
+    if low_memory:
+        kw["low_memory"] = True
+    if "hard_weight" in REGISTRY[name].parameters:
+        kw["hard_weight"] = 0.5
+    free = _float_positions(name)[:2]
+
+    def loss(weights):
+        def f(*values):
+            a = list(arrays)
+            for i, v in zip(free, values, strict=True):
+                a[i] = v
+            out = REGISTRY[name].public(*a, token_weights=weights, **kw)
+            return jnp.sum(out)
+
+        return jax.value_and_grad(f, tuple(range(len(free))))(
+            *(arrays[i] for i in free)
+        )
+
+    assert ids in ("labels",)
+    # The huge weight sits on a counted token: finite loss, large gradients.
+    tw = tw.at[5].set(3.0)
+    value, grads = loss(tw)
+    assert bool(jnp.isfinite(value)) and all(
+        bool(jnp.all(jnp.isfinite(g))) for g in grads
+    )
+    # Same as the weights with the excluded tokens' entries set to 0.
+    clean = jnp.where(keep & (labels != -100), tw, 0.0)
+    want, want_grads = loss(clean)
+    np.testing.assert_allclose(value, want, rtol=1e-12)
+    for g, e in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-300)
+    # An advantage of -2 is the token's gradient times -2.
+    one = jnp.zeros(6).at[4].set(1.0)
+    _, g_one = loss(one)
+    _, g_neg = loss(-2.0 * one)
+    for a, b in zip(g_neg, g_one, strict=True):
+        np.testing.assert_allclose(a, -2.0 * b, rtol=1e-12, atol=1e-300)

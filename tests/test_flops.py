@@ -24,6 +24,8 @@ ARGS = {
     "b": S((V,), jnp.float32),
     "y": S((N,), jnp.int32),
     "tok": S((N,), jnp.float32),
+    "ids": S((N, 32), jnp.int32),
+    "lq": S((N, 32), jnp.float32),
 }
 EVERY_CE = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
 DISTILL = dict(temperature=2.0, hard_weight=0.5)
@@ -110,3 +112,33 @@ def test_checkpointed_head_reruns_its_forward_once(low_memory, matmuls):
 
     one = 2 * N * D * V
     assert _flops(jax.checkpoint(loss), (0, 1)) == matmuls * one
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_topk_head_costs_what_materialized_logits_cost(reduction):
+    # No teacher matmul; three student matmuls for a scalar reduction.
+    def loss(module):
+        def f(h, w, b, ids, lq, y, tok):
+            out = module.linear_topk_distillation(
+                h,
+                w,
+                ids,
+                lq,
+                y,
+                bias=b,
+                token_weights=tok,
+                hard_weight=0.5,
+                temperature=2.0,
+                reduction=reduction,
+            )
+            return jnp.sum(out)
+
+        return f
+
+    a = ARGS
+    args = (a["h"], a["w"], a["b"], a["ids"], a["lq"], a["y"], a["tok"])
+    vg = [
+        matmul_flops(jax.value_and_grad(loss(m), (0, 1, 2)), *args)
+        for m in (jaxent, jaxent.reference)
+    ]
+    assert vg[0] <= 1.02 * vg[1] == 1.02 * 3 * 2 * N * D * V, vg

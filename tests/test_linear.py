@@ -517,3 +517,61 @@ def test_checkpointed_head_matches(low_memory):
     want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(h, w, b)
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(a, e, kind="grad")
+
+
+def test_gradient_in_forward_path_exports_for_accelerators():
+    # Exported from this CPU host for TPU and CUDA as well: the chunk budget is
+    # chosen per platform when lowering; the CPU branch runs the same numbers.
+    h, w, b, y = _problem(31, (40,), 6, 300)
+    tw = logits(35, (40,), DTYPE, scale=1.0)
+
+    def step(h, w, b):
+        def loss(h, w, b):
+            return _public(h, w, y, bias=b, token_weights=tw, reduction="mean")
+
+        return jax.value_and_grad(loss, (0, 1, 2))(h, w, b)
+
+    exported = jax.export.export(jax.jit(step), platforms=("cpu", "cuda", "tpu"))(
+        h, w, b
+    )
+    assert exported.platforms == ("cpu", "cuda", "tpu")
+    got, want = exported.call(h, w, b), jax.jit(step)(h, w, b)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(a, e, kind="grad")
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_bfloat16_inputs_beat_materialized_bfloat16_logits(low_memory):
+    # Against float64 on the same (rounded) inputs: the loss is float32 and
+    # near exact, where bfloat16 logits are off by their rounding; the
+    # gradients (bfloat16, as the inputs) are no worse than the materialized
+    # path's.
+    h = logits(41, (256, 32), "float32", scale=1.0).astype(jnp.bfloat16)
+    w = (logits(42, (32, 1024), "float32", scale=1.0) / 6).astype(jnp.bfloat16)
+    y = int_labels(43, (256,), 1024)
+
+    def materialized(h, w):
+        return reference.softmax_cross_entropy_with_integer_labels(
+            h @ w, y, reduction="mean"
+        )
+
+    def fused_mean(h, w):
+        return _public(h, w, y, reduction="mean", low_memory=low_memory)
+
+    wide = (h.astype(jnp.float64), w.astype(jnp.float64))
+    exact, exact_grads = jax.value_and_grad(materialized, (0, 1))(*wide)
+
+    def errors(f):
+        value, grads = jax.jit(jax.value_and_grad(f, (0, 1)))(h, w)
+        rel = [
+            float(jnp.max(jnp.abs(g.astype(jnp.float64) - e)) / jnp.max(jnp.abs(e)))
+            for g, e in zip(grads, exact_grads, strict=True)
+        ]
+        return value, abs(float(value) - float(exact)), rel
+
+    value, loss_err, grad_err = errors(fused_mean)
+    base_value, base_loss_err, base_grad_err = errors(materialized)
+    assert value.dtype == jnp.float32 and base_value.dtype == jnp.bfloat16
+    assert loss_err < 1e-5 < base_loss_err
+    for got, base in zip(grad_err, base_grad_err, strict=True):
+        assert got <= 1.05 * base, (grad_err, base_grad_err)

@@ -286,6 +286,8 @@ def make_inputs(d: Drawn, seed: int, k: int):
             ids = "tokens" if name == "linear_log_probs" else "labels"
             rows[ids] = labels.astype(np.int32)
             native[ids] = rows[ids].reshape(k, *lay.batch)
+            if name == "linear_topk_distillation":
+                _topk_teacher(d, rng, shp, q, native, rows)
             if d.token_weights:
                 # Any sign (sample weights, advantages), some exactly 0.
                 tw = rng.standard_normal(shp[:2]) * (rng.random(shp[:2]) > 0.1)
@@ -351,6 +353,19 @@ def make_inputs(d: Drawn, seed: int, k: int):
     return native, rows
 
 
+def _topk_teacher(d: Drawn, rng, shp, q, native, rows):
+    """A stored top-k teacher of a fused head: k distinct ids per token with
+    log-probabilities (exact zeros among them at a random rate), mass below
+    0.99 when k < V and 1.05 when k = V."""
+    k, (n, r, c) = d.topk, shp
+    ids = np.argsort(rng.random(shp), axis=-1)[..., :k].astype(np.int32)
+    mass = rng.uniform(0.05, 0.99, (n, r, 1)) if k < c else 1.05
+    lq = q(np.log(_probs(rng, (n, r, k)) * mass))
+    native["teacher_ids"] = ids.reshape(n, *d.layout.batch, k)
+    native["teacher_log_probs"] = lq.reshape(n, *d.layout.batch, k)
+    rows.update(teacher_ids=ids, teacher_log_probs=lq)
+
+
 def _topk_inputs(d: Drawn, rng, shp, q, native, rows):
     """A top-k teacher: k distinct ids per row (exact zeros among their
     probabilities at a random rate), mass below 0.99 when k < C and 1.05 when
@@ -410,6 +425,7 @@ LINEAR = (
     "linear_softmax_cross_entropy",
     "linear_softmax_distillation",
     "linear_log_probs",
+    "linear_topk_distillation",
 )
 TOPK = "softmax_topk_kl_divergence"
 GAMMAS = (2.0, 0.0, 0.5, 1.0, 3.0)
@@ -433,6 +449,13 @@ def drawn_linear(draw, name, dtype):
     if name == "linear_softmax_cross_entropy":
         d.opts["label_smoothing"] = draw(st.sampled_from(SMOOTHING))
         d.opts["z_loss"] = draw(st.sampled_from(Z_LOSS))
+    elif name == "linear_topk_distillation":
+        d.topk = draw(st.integers(1, v))
+        d.opts["tail"] = draw(st.sampled_from(("bucket", "renormalize")))
+        d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
+        d.opts["hard_weight"] = draw(st.sampled_from(HARD_WEIGHTS))
+        d.opts["soft_weight"] = draw(st.sampled_from(SOFT_WEIGHTS))
+        d.opts["softcap"] = draw(st.sampled_from(SOFTCAPS))
     elif name == "linear_log_probs":
         d.opts["temperature"] = draw(st.sampled_from(TEMPERATURES))
         d.opts["softcap"] = draw(st.sampled_from(SOFTCAPS))
@@ -449,7 +472,7 @@ def drawn_linear(draw, name, dtype):
         d.opts["ignore_index"] = draw(st.sampled_from([None, -100, 0]))
         d.opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     d.opts["block_size"] = draw(st.sampled_from([None, 4, (2, 8)]))
-    if d.opts.get("reduction", "none") != "none":
+    if d.opts.get("reduction", "none") != "none" and name != "linear_topk_distillation":
         # The recompute path, else the gradient in the forward pass.
         d.opts["low_memory"] = draw(st.booleans())
     return d
@@ -564,6 +587,13 @@ POSITIONAL = {
         "labels",
     ),
     "linear_log_probs": ("hidden", "weight", "tokens"),
+    "linear_topk_distillation": (
+        "hidden",
+        "weight",
+        "teacher_ids",
+        "teacher_log_probs",
+        "labels",
+    ),
     "safe_softmax_cross_entropy": ("logits", "labels"),
     "poly_loss_cross_entropy": ("logits", "labels"),
     "sigmoid_focal_loss": ("logits", "labels"),
@@ -1143,6 +1173,10 @@ GRAD_OPTIONS = {
         },
         {"where": "batch", "return_entropy": True, "temperature": 0.5},
     ],
+    "linear_topk_distillation": [
+        {"bias": True, "temperature": 2.0, "hard_weight": 0.5, "softcap": 4.0},
+        {"where": "batch", "reduction": "mean", "tail": "renormalize"},
+    ],
     TOPK: [
         {"where": "batch", "reduction": "mean", "temperature": 2.5},
         {"tail": "renormalize", "reduction": "sum"},
@@ -1201,6 +1235,10 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
             rng.normal(size=(*batch, 4)),
             rng.normal(size=(4, c)) / 2,
         ],
+        "linear_topk_distillation": [
+            rng.normal(size=(*batch, 4)),
+            rng.normal(size=(4, c)) / 2,
+        ],
     }[name]
     kw = {}
     if name == "linear_softmax_distillation":
@@ -1228,6 +1266,12 @@ def _small_problem(name, opts, module=jaxent, seed=0, shape=(3, 5)):
     elif where == "batch":
         kw["where"] = np.arange(math.prod(batch)).reshape(batch) % 2 == 0
     diff_kw = []
+    if name == "linear_topk_distillation":
+        # A frozen stored teacher (zero cotangents): not differentiated.
+        trng = np.random.default_rng(seed + 100)
+        kw["teacher_ids"] = np.argsort(trng.random((*batch, c)), axis=-1)[..., :3]
+        tq = trng.uniform(0.2, 1.0, (*batch, 3))
+        kw["teacher_log_probs"] = np.log(tq / tq.sum(-1, keepdims=True) * 0.8)
     if name == TOPK:
         # Three distinct ids per row holding 0.3 to 0.9 of the mass, drawn
         # apart so that the other functions' draws stay as they were.

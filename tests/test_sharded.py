@@ -414,6 +414,11 @@ VP_CASES = {
         (0, 1, 2),
         dict(temperature=1.5, softcap=3.0),
     ),
+    "linear_topk": (
+        ("h", "W", "bias", "tids", "tlp", "y"),
+        (0, 1, 2),
+        dict(ignore_index=IGNORE, hard_weight=0.5, temperature=2.0, softcap=3.0),
+    ),
     # Ids are global: each shard gathers (and masks out of its rest) its own.
     "topk": (("x", "tids", "tlp", "bmask"), (0, 2), dict(temperature=2.0)),
     "topk_renormalize": (("x", "tids", "tlp"), (0, 2), dict(tail="renormalize")),
@@ -453,6 +458,10 @@ def _vp_loss(case, reduction, axis_name):
             mask = a.get("cmask", a.get("bmask"))
             return jaxent.softmax_generalized_jsd(
                 a["x"], a["t"], where=mask, **kw, **red
+            )
+        if case == "linear_topk":
+            return jaxent.linear_topk_distillation(
+                a["h"], a["W"], a["tids"], a["tlp"], a["y"], bias=a["bias"], **kw, **red
             )
         if case == "linear_log_probs":
             return jaxent.linear_log_probs(
@@ -517,6 +526,7 @@ VP_GRID = (
     + [("linear_log_probs", "none", "explicit")]
     + [("linear_distill", "mean", "explicit")]
     + [("topk", "mean", "auto")]
+    + [("linear_topk", "mean", "auto"), ("linear_topk", "sum", "explicit")]
 )
 
 
@@ -856,10 +866,11 @@ def test_two_input_gradients_in_shard_map(name, replicated):
         assert_close(g, rg, "float32", kind="grad")
 
 
-def _head_losses():
-    """The two fused heads (mean over counted tokens), as functions of
-    ``(hidden, weight, teacher_weight, labels)``; ``hidden`` and the teacher's
-    hidden states are the same here (a self-distilled head)."""
+def _head_losses(stored=None):
+    """The fused heads (mean over counted tokens), as functions of ``(hidden,
+    weight, teacher_weight, labels)``; ``hidden`` and the teacher's hidden
+    states are the same here (a self-distilled head); ``stored`` is the top-k
+    head's teacher ``(log_probs, ids)``."""
 
     def ce(h, w, tw, y):
         return jaxent.linear_softmax_cross_entropy(h, w, y, reduction="mean")
@@ -869,7 +880,19 @@ def _head_losses():
             h, w, h, tw, y, hard_weight=0.5, reduction="mean"
         )
 
-    return {"linear_softmax_cross_entropy": ce, "linear_softmax_distillation": distill}
+    def topk(h, w, tw, y):
+        # A stored teacher: the top 8 classes of the teacher head's softmax,
+        # computed offline (outside the program).
+        lq, ids = stored
+        return jaxent.linear_topk_distillation(
+            h, w, ids, lq, y, hard_weight=0.5, reduction="mean"
+        )
+
+    return {
+        "linear_softmax_cross_entropy": ce,
+        "linear_softmax_distillation": distill,
+        "linear_topk_distillation": topk,
+    }
 
 
 @multi_device
@@ -893,7 +916,7 @@ def test_auto_partitioning_keeps_the_fused_head_vocab_sharded(name, devices):
     w, tw = (jnp.asarray(rng.normal(size=(d, v)) / 3, jnp.float32) for _ in range(2))
     y = jnp.asarray(rng.integers(0, v, size=n)).at[:7].set(IGNORE)
     cols = NamedSharding(mesh, P(None, "model"))
-    loss = _head_losses()[name]
+    loss = _head_losses(jax.lax.top_k(jax.nn.log_softmax(h @ tw), 8))[name]
     step = jax.jit(jax.value_and_grad(loss, (0, 1)))
     args = (h, jax.device_put(w, cols), jax.device_put(tw, cols), y)
     compiled = step.lower(*args).compile()
