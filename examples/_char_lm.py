@@ -171,3 +171,30 @@ def generate(params, prompt: bytes, length, key, cfg, temperature=0.8):
             int(sample_next(params, windows, key_i, temperature, heads=cfg["heads"])[0])
         )
     return bytes(out).decode("utf-8", errors="replace")
+
+
+@functools.partial(jax.jit, static_argnames=("length", "heads"))
+def sample_continuations(params, prompts, key, temperature=1.0, *, length, heads):
+    """``length`` sampled bytes after each prompt, in one compiled loop.
+
+    ``prompts`` is ``[B, P]`` with ``P + length`` at most the model's context;
+    returns the ``[B, P + length]`` sequences (prompts included). Each step runs
+    the model over a fixed-size buffer (the bytes not yet sampled are
+    placeholders that the causal mask hides from the position read), so the
+    loop is one ``lax.fori_loop`` of one shape, vectorized over the batch.
+    """
+    batch, prompt_len = prompts.shape
+    seqs = jnp.concatenate([prompts, jnp.zeros((batch, length), prompts.dtype)], axis=1)
+
+    def body(t, seqs):
+        pos = prompt_len + t
+        h = features(params, seqs, heads)
+        h_last = jax.lax.dynamic_index_in_dim(h, pos - 1, axis=1, keepdims=False)
+        nxt = jax.random.categorical(
+            jax.random.fold_in(key, t), logits(params, h_last) / temperature
+        )
+        return jax.lax.dynamic_update_index_in_dim(
+            seqs, nxt.astype(seqs.dtype), pos, axis=1
+        )
+
+    return jax.lax.fori_loop(0, length, body, seqs)
