@@ -868,10 +868,16 @@ def test_focal_gamma_gradient_at_saturated_logits():
 
 
 def _vjp_operands(f, *args) -> int:
-    """How many arrays the loss's custom_vjp takes."""
-    eqns = [
-        e for e in jax.make_jaxpr(f)(*args).eqns if "custom_vjp" in str(e.primitive)
-    ]
+    """How many arrays the loss's custom_vjp takes (inside its jitted call)."""
+
+    def find(jaxpr):
+        for e in jaxpr.eqns:
+            if "custom_vjp" in str(e.primitive):
+                yield e
+            elif "jaxpr" in e.params:
+                yield from find(getattr(e.params["jaxpr"], "jaxpr", e.params["jaxpr"]))
+
+    eqns = list(find(jax.make_jaxpr(f)(*args).jaxpr))
     assert len(eqns) == 1, eqns
     return len(eqns[0].invars)
 

@@ -1013,6 +1013,7 @@ def _relations(x, t, p, q, labels, w, keep, shift, u, axis):
             *LINEAR,
             "safe_softmax_cross_entropy",
             "sigmoid_focal_loss",
+            TOPK,
         ):
             continue  # no class axis argument
         f = getattr(jaxent, name)
