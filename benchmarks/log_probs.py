@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:
-    import jaxent
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import jaxent
+# Run as a script from a checkout: the repository root holds jaxent and the
+# benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxent
+from benchmarks.linear_distill import max_rel, median_times
 
 CLIP, ENTROPY_BONUS = 0.2, 0.01
 
@@ -93,27 +92,6 @@ def inputs(n, d, v, seed=0):
     lp_old = lp_old + 0.1 * jax.random.normal(kp, (n,), jnp.float32)
     adv = jax.random.normal(ka, (n,), jnp.float32)
     return h, w, b, y, lp_old, adv
-
-
-def median_times(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median wall time per function, runs interleaved (rotating order)."""
-    for _ in range(warmup):
-        for f, args in fns.values():
-            jax.block_until_ready(f(*args))
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            f, args = fns[name]
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def max_rel(a, b) -> float:
-    a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
-    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
 def bars(n, d, v, repeats, **kw):

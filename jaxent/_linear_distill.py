@@ -27,9 +27,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._args import (
-    as_bool,
     as_float,
-    as_int,
     check_fraction,
     check_index,
     check_nonnegative,
@@ -64,6 +62,7 @@ from ._streaming import (
     slice_rows,
     softcap,
     token_weights_arg,
+    tokens_arg,
     update_rows,
 )
 
@@ -265,22 +264,7 @@ def linear_softmax_distillation(
     batch = h.shape[:-1]
     if not isinstance(low_memory, bool | np.bool_):
         raise TypeError(f"{fn}: `low_memory` must be a bool; got {low_memory!r}.")
-    if labels is None:
-        if hard != 0:
-            raise ValueError(
-                f"{fn}: `labels` are required with `hard_weight`={hard!r}; got "
-                "labels=None."
-            )
-        # Without labels every token counts: ignore_index has nothing to match.
-        ignore_index = None
-        y = jnp.zeros(batch, jnp.int32)
-    else:
-        y = as_int(fn, "labels", labels)
-        if y.shape != batch:
-            raise ValueError(
-                f"{fn}: `labels` must have hidden's leading shape {batch}; got "
-                f"{describe(y)}."
-            )
+    y, counted = tokens_arg(fn, labels, hard, ignore_index, where, batch)
     dtype = common_float(h.dtype, w.dtype)
     tdtype = common_float(th.dtype, tw.dtype)
     b = bias_arg(fn, "bias", bias, w.shape[1])
@@ -291,17 +275,6 @@ def linear_softmax_distillation(
     if tb is not None:
         tdtype = common_float(tdtype, tb.dtype)
         tb = tb.astype(tdtype)
-    counted = jnp.ones(batch, bool)
-    if ignore_index is not None:
-        counted = y != ignore_index
-    if where is not None:
-        where = as_bool(fn, "where", where)
-        if where.shape != batch:
-            raise ValueError(
-                f"{fn}: `where` must be a token mask of hidden's leading shape "
-                f"{batch}; got {describe(where)}."
-            )
-        counted = counted & where
     tweights = token_weights_arg(fn, token_weights, batch)
 
     n, (d, v_local), dt = int(np.prod(batch)), w.shape, tw.shape[0]

@@ -22,7 +22,6 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._args import (
-    as_bool,
     as_float,
     as_int,
     check_index,
@@ -46,6 +45,7 @@ from ._streaming import (
     scale_grads,
     softcap,
     token_weights_arg,
+    tokens_arg,
 )
 from ._topk import (
     TAILS,
@@ -222,37 +222,12 @@ def linear_topk_distillation(
     ignore_index = check_index(fn, "ignore_index", ignore_index)
     _check_shapes(fn, h, w, ids, lq)
     batch = h.shape[:-1]
-    if labels is None:
-        if hard != 0:
-            raise ValueError(
-                f"{fn}: `labels` are required with `hard_weight`={hard!r}; got "
-                "labels=None."
-            )
-        ignore_index = None
-        y = jnp.zeros(batch, jnp.int32)
-    else:
-        y = as_int(fn, "labels", labels)
-        if y.shape != batch:
-            raise ValueError(
-                f"{fn}: `labels` must have hidden's leading shape {batch}; got "
-                f"{describe(y)}."
-            )
+    y, counted = tokens_arg(fn, labels, hard, ignore_index, where, batch)
     dtype = common_float(h.dtype, w.dtype)
     b = bias_arg(fn, "bias", bias, w.shape[1])
     if b is not None:
         dtype = common_float(dtype, b.dtype)
         b = b.astype(dtype)
-    counted = jnp.ones(batch, bool)
-    if ignore_index is not None:
-        counted = y != ignore_index
-    if where is not None:
-        where = as_bool(fn, "where", where)
-        if where.shape != batch:
-            raise ValueError(
-                f"{fn}: `where` must be a token mask of hidden's leading shape "
-                f"{batch}; got {describe(where)}."
-            )
-        counted = counted & where
     tweights = token_weights_arg(fn, token_weights, batch)
 
     n, (d, v_local), k = int(np.prod(batch)), w.shape, ids.shape[-1]

@@ -25,7 +25,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec
 
-from ._args import as_float, check_positive, describe
+from ._args import as_bool, as_float, as_int, check_positive, describe
 from ._numerics import compute_dtype
 from ._reduction import reduce_loss
 from ._sharding import is_sharded, replicated, reshard, spec, vary, vma
@@ -105,6 +105,37 @@ def token_coefficients(counted, token_weights, reduction: str, dtype):
     if reduction == "mean":
         coef = coef / jnp.maximum(jnp.sum(counted), 1).astype(dtype)
     return coef
+
+
+def tokens_arg(fn: str, labels, hard: float, ignore_index, where, batch):
+    """``(labels, counted)`` of a distillation head: integer labels of the
+    tokens' shape ``batch`` (zeros when None, which only a zero
+    ``hard_weight`` allows) and the counted tokens (``ignore_index``, which
+    has nothing to match without labels, and the token mask ``where``)."""
+    if labels is None:
+        if hard != 0:
+            raise ValueError(
+                f"{fn}: `labels` are required with `hard_weight`={hard!r}; got "
+                "labels=None."
+            )
+        y, counted = jnp.zeros(batch, jnp.int32), jnp.ones(batch, bool)
+    else:
+        y = as_int(fn, "labels", labels)
+        if y.shape != batch:
+            raise ValueError(
+                f"{fn}: `labels` must have hidden's leading shape {batch}; got "
+                f"{describe(y)}."
+            )
+        counted = jnp.ones(batch, bool) if ignore_index is None else y != ignore_index
+    if where is not None:
+        where = as_bool(fn, "where", where)
+        if where.shape != batch:
+            raise ValueError(
+                f"{fn}: `where` must be a token mask of hidden's leading shape "
+                f"{batch}; got {describe(where)}."
+            )
+        counted = counted & where
+    return y, counted
 
 
 def bias_arg(fn: str, name: str, bias, v: int):
