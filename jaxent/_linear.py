@@ -45,6 +45,7 @@ from ._streaming import TILE_ACCELERATOR as _TILE_ACCELERATOR
 from ._streaming import TILE_CPU as _TILE_CPU
 from ._streaming import (
     bias_arg,
+    check_head,
     online_max_sumexp,
     run_head,
     scale_grads,
@@ -355,22 +356,7 @@ _LAYOUT = ("hidden", "weight", "bias", "tokens", "tokens", "tokens")
 
 
 def _check_shapes(fn: str, h, w, y) -> None:
-    if w.ndim != 2:
-        raise ValueError(
-            f"{fn}: `weight` must be [D, V] (a tied [V, D] embedding is passed as "
-            f"`embedding.T`); got {describe(w)}."
-        )
-    if h.ndim < 1 or h.shape[-1] != w.shape[0]:
-        hint = ""
-        if h.ndim >= 1 and w.shape[1] == h.shape[-1]:
-            hint = (
-                f" `weight` looks like a tied [V, D] embedding: pass `embedding.T` "
-                f"([{w.shape[1]}, {w.shape[0]}])."
-            )
-        raise ValueError(
-            f"{fn}: `weight` must be [D, V] with D = hidden.shape[-1]; got "
-            f"`weight` {describe(w)} and `hidden` {describe(h)}.{hint}"
-        )
+    check_head(fn, h, w)
     if y.shape != h.shape[:-1]:
         raise ValueError(
             f"{fn}: `labels` must have hidden's leading shape {h.shape[:-1]}; "

@@ -39,7 +39,6 @@ from ._define import Rule, loss
 from ._distill import _JSDOpts, _log_ratios, _softmax_jsd_plain
 from ._divergence import _softmax_kl_plain
 from ._numerics import compute_dtype, mul0, tempered
-from ._sharding import vary, vma
 from ._softmax import plain_normalizer, plain_sum
 from ._streaming import (
     bias_arg,
@@ -64,6 +63,7 @@ from ._streaming import (
     token_weights_arg,
     tokens_arg,
     update_rows,
+    varying,
 )
 
 
@@ -502,13 +502,6 @@ def _log_probs(x, t, rows, opts: _Opts):
     return lq, lp
 
 
-def _varying(arrays, *refs):
-    """``arrays`` (None kept) marked as varying over every mesh axis any of
-    ``refs`` varies over (loop carries inside ``shard_map``)."""
-    axes = frozenset().union(*(vma(r) for r in refs if r is not None))
-    return tuple(None if a is None else vary(a, axes) for a in arrays)
-
-
 def _normalizers(h, w, b, th, tw, tb, y, *, opts: _Opts, tile: int):
     """Pass 1: per-token running ``(max, sum-exp)`` of the student at ``T``, of
     the teacher at ``T`` and of the student at 1 (each None when not needed),
@@ -529,7 +522,7 @@ def _normalizers(h, w, b, th, tw, tb, y, *, opts: _Opts, tile: int):
         return blocked(n, block_n, token_chunk, carry)
 
     return blocked(
-        v, block_v, vocab_block, _varying(_pass1_init(n, acc, opts), h, w, th, tw)
+        v, block_v, vocab_block, varying(_pass1_init(n, acc, opts), h, w, th, tw)
     )
 
 
@@ -613,7 +606,7 @@ def _divergence_sums(h, w, b, th, tw, tb, stats: _Stats, *, opts: _Opts, tile: i
         return blocked(n, block_n, token_chunk, carry)
 
     init = (jnp.zeros((n,), acc),) * 2
-    return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+    return blocked(v, block_v, vocab_block, varying(init, h, w, th, tw))
 
 
 def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
@@ -648,7 +641,7 @@ def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
 
         init = (
             dh,
-            *_varying(
+            *varying(
                 (jnp.zeros((d, cw), hacc), None if b is None else jnp.zeros(cw, hacc)),
                 h,
                 w,
@@ -667,7 +660,7 @@ def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
         jnp.zeros_like(w),
         None if b is None else jnp.zeros_like(b),
     )
-    return blocked(v, block_v, vocab_block, _varying(init, h, w, th, tw))
+    return blocked(v, block_v, vocab_block, varying(init, h, w, th, tw))
 
 
 def _student_grad(x, tanh, t, y, c0, g, stats: _Stats, opts: _Opts):

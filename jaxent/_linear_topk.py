@@ -36,6 +36,7 @@ from ._softmax import normalizer, plain_normalizer, plain_sum, probs
 from ._streaming import (
     bias_arg,
     block_size_arg,
+    check_head,
     chunk_rows,
     common_float,
     forward_grads,
@@ -275,16 +276,7 @@ _LAYOUT = ("hidden", "weight", "bias", *("tokens",) * 5)
 
 
 def _check_shapes(fn: str, h, w, ids, lq) -> None:
-    if w.ndim != 2:
-        raise ValueError(
-            f"{fn}: `weight` must be [D, V] (a tied [V, D] embedding is passed as "
-            f"`embedding.T`); got {describe(w)}."
-        )
-    if h.ndim < 1 or h.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"{fn}: `weight` must be [D, V] with D = hidden.shape[-1]; got "
-            f"`weight` {describe(w)} and `hidden` {describe(h)}."
-        )
+    check_head(fn, h, w)
     if ids.ndim != h.ndim or ids.shape[:-1] != h.shape[:-1]:
         raise ValueError(
             f"{fn}: `teacher_ids` must be [..., k] with hidden's leading shape "

@@ -27,13 +27,14 @@ from jax.typing import ArrayLike
 from ._args import as_bool, as_float, as_int, check_positive, describe
 from ._define import Rule, loss
 from ._numerics import compute_dtype, mul0, tempered
-from ._sharding import is_sharded, vary, vma
+from ._sharding import is_sharded
 from ._softmax import plain_normalizer, plain_sum
 from ._streaming import (
     bias_arg,
     block_size_arg,
     blocked,
     blocks,
+    check_head,
     col_offset,
     combine_max_sumexp,
     common_float,
@@ -46,6 +47,7 @@ from ._streaming import (
     slice_rows,
     softcap,
     update_rows,
+    varying,
 )
 
 # Log-probabilities below this floor have probability 0 in every float dtype
@@ -234,28 +236,12 @@ _LAYOUT = ("hidden", "weight", "bias", "tokens", "tokens", "tokens")
 
 
 def _check_shapes(fn: str, h, w, y) -> None:
-    if w.ndim != 2:
-        raise ValueError(
-            f"{fn}: `weight` must be [D, V] (a tied [V, D] embedding is passed as "
-            f"`embedding.T`); got {describe(w)}."
-        )
-    if h.ndim < 1 or h.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"{fn}: `weight` must be [D, V] with D = hidden.shape[-1]; got "
-            f"`weight` {describe(w)} and `hidden` {describe(h)}."
-        )
+    check_head(fn, h, w)
     if y.shape != h.shape[:-1]:
         raise ValueError(
             f"{fn}: `tokens` must have hidden's leading shape {h.shape[:-1]}; "
             f"got {describe(y)}."
         )
-
-
-def _varying(arrays, *refs):
-    """``arrays`` (None kept) marked as varying over every mesh axis any of
-    ``refs`` varies over (loop carries inside ``shard_map``)."""
-    axes = frozenset().union(*(vma(r) for r in refs))
-    return tuple(None if a is None else vary(a, axes) for a in arrays)
 
 
 # -- the fused rule ----------------------------------------------------------------
@@ -377,7 +363,7 @@ def _statistics(h, w, b, y, *, opts: _Opts, tile: int):
         zeros,
         zeros if opts.entropy else None,
     )
-    return blocked(v, block_v, vocab_block, _varying(init, h, w))
+    return blocked(v, block_v, vocab_block, varying(init, h, w))
 
 
 def _grads(h, w, b, y, g, e, shift, ls, ent, *, opts: _Opts, tile: int):
@@ -423,7 +409,7 @@ def _grads(h, w, b, y, g, e, shift, ls, ent, *, opts: _Opts, tile: int):
 
         init = (
             dh,
-            *_varying(
+            *varying(
                 (jnp.zeros((d, cw), acc), None if b is None else jnp.zeros(cw, acc)),
                 h,
                 w,
@@ -440,7 +426,7 @@ def _grads(h, w, b, y, g, e, shift, ls, ent, *, opts: _Opts, tile: int):
         jnp.zeros_like(w),
         None if b is None else jnp.zeros_like(b),
     )
-    return blocked(v, block_v, vocab_block, _varying(init, h, w))
+    return blocked(v, block_v, vocab_block, varying(init, h, w))
 
 
 # -- the plain twin: materialized logits, plain autodiff --------------------------

@@ -260,6 +260,34 @@ def per_platform_chunk(fn: Callable, *args):
     )
 
 
+def varying(arrays, *refs):
+    """``arrays`` (None kept) marked as varying over every mesh axis any of
+    ``refs`` (None skipped) varies over (loop carries inside ``shard_map``)."""
+    axes = frozenset().union(*(vma(r) for r in refs if r is not None))
+    return tuple(None if a is None else vary(a, axes) for a in arrays)
+
+
+def check_head(fn: str, h, w) -> None:
+    """``weight`` is ``[D, V]`` with ``D = hidden.shape[-1]`` (a tied ``[V, D]``
+    embedding is named as such)."""
+    if w.ndim != 2:
+        raise ValueError(
+            f"{fn}: `weight` must be [D, V] (a tied [V, D] embedding is passed as "
+            f"`embedding.T`); got {describe(w)}."
+        )
+    if h.ndim < 1 or h.shape[-1] != w.shape[0]:
+        hint = ""
+        if h.ndim >= 1 and w.shape[1] == h.shape[-1]:
+            hint = (
+                f" `weight` looks like a tied [V, D] embedding: pass `embedding.T` "
+                f"([{w.shape[1]}, {w.shape[0]}])."
+            )
+        raise ValueError(
+            f"{fn}: `weight` must be [D, V] with D = hidden.shape[-1]; got "
+            f"`weight` {describe(w)} and `hidden` {describe(h)}.{hint}"
+        )
+
+
 def blocked(size: int, block: int, body, carry):
     """``carry = body(start, width, carry)`` over blocks covering ``[0, size)``.
 
