@@ -173,26 +173,22 @@ def ref_linear_softmax_cross_entropy(xp, a, o, g):
     return value, out
 
 
-def ref_linear_softmax_distillation(xp, a, o, g):
-    """Materialized student logits ``x = h W + b`` and teacher logits ``t = h'
-    W' + b'`` (both capped): ``soft_weight`` times the generalized JSD of the
-    student from the teacher plus ``hard_weight`` times the integer-label
-    cross-entropy of ``x`` (at T = 1), per token; a token mask (``where``,
-    ``ignore_index``) excludes tokens. The teacher is frozen: zero gradients."""
+def _linear_head(xp, a, o, g, soft_term, frozen):
+    """A fused distillation head on materialized student logits ``x = h W + b``
+    (capped): ``soft_weight`` times ``soft_term(x, unit) -> (loss, d loss /
+    dx)`` plus ``hard_weight`` times the integer-label cross-entropy of ``x``
+    (at T = 1), per token; a token mask (``where``, ``ignore_index``) excludes
+    tokens. The teacher's arrays named in ``frozen`` get zero gradients."""
     hard, soft = o.get("hard_weight", 0.0), o.get("soft_weight", 1.0)
     h, w = a["hidden"], a["weight"]
-    th, tw = a["teacher_hidden"], a["teacher_weight"]
-    x, t = xp.matmul(h, w), xp.matmul(th, tw)
+    x = xp.matmul(h, w)
     if "bias" in a:
         x = x + a["bias"][:, None, :]
-    if "teacher_bias" in a:
-        t = t + a["teacher_bias"][:, None, :]
     cap = o.get("softcap")
     if cap is not None:
         # A -inf logit (a masked class) stays -inf.
         capped = xp.tanh(x / cap)
         x = xp.where(x == -xp.inf, -xp.inf, cap * capped)
-        t = xp.where(t == -xp.inf, -xp.inf, cap * xp.tanh(t / cap))
     labels = a["labels"]
     kept = xp.ones(labels.shape, dtype=bool)
     if "where" in a:
@@ -202,14 +198,8 @@ def ref_linear_softmax_distillation(xp, a, o, g):
     unit = xp.ones(labels.shape, dtype=x.dtype)
     loss, dx = xp.zeros_like(unit), xp.zeros_like(x)
     if soft:
-        jsd_opts = {
-            "beta": o.get("beta", 0.5),
-            "temperature": o.get("temperature", 1.0),
-            "reduction": "none",
-        }
-        inner = {"logits": x, "target_logits": t}
-        jsd, grads = ref_softmax_generalized_jsd(xp, inner, jsd_opts, unit)
-        loss, dx = loss + soft * jsd, dx + soft * grads["logits"]
+        term, dterm = soft_term(x, unit)
+        loss, dx = loss + soft * term, dx + soft * dterm
     if hard:
         inner = {"logits": x, "labels": xp.where(kept, labels, 0)}
         ce, grads = ref_softmax_cross_entropy_with_integer_labels(
@@ -225,58 +215,36 @@ def ref_linear_softmax_distillation(xp, a, o, g):
     out = {
         "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
         "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
-        "teacher_hidden": xp.zeros_like(th),
-        "teacher_weight": xp.zeros_like(tw),
     }
     if "bias" in a:
         out["bias"] = xp.sum(dx, axis=1)
-    if "teacher_bias" in a:
-        out["teacher_bias"] = xp.zeros_like(a["teacher_bias"])
+    out.update({k: xp.zeros_like(a[k]) for k in frozen if k in a})
     return value, out
 
 
-def ref_linear_log_probs(xp, a, o, g):
-    """Materialized logits ``h W + b`` (capped), ``log softmax(x / T)`` at each
-    token and, with ``return_entropy``, the entropy: then the value and the
-    cotangent are the pair stacked on a last axis of 2. Tokens excluded by
-    ``where`` give 0; an out-of-range token a NaN log-probability and NaN
-    gradients through it."""
-    h, w, tokens = a["hidden"], a["weight"], a["tokens"]
-    temp = o.get("temperature", 1.0)
-    x = xp.matmul(h, w)
-    if "bias" in a:
-        x = x + a["bias"][:, None, :]
+def ref_linear_softmax_distillation(xp, a, o, g):
+    """The student ``x = h W + b`` against the teacher's materialized logits
+    ``t = h' W' + b'`` (capped alike): the generalized JSD of
+    ``ref_softmax_generalized_jsd``, with the hard term of ``_linear_head``."""
+    t = xp.matmul(a["teacher_hidden"], a["teacher_weight"])
+    if "teacher_bias" in a:
+        t = t + a["teacher_bias"][:, None, :]
     cap = o.get("softcap")
     if cap is not None:
-        capped = xp.tanh(x / cap)
-        x = xp.where(x == -xp.inf, -xp.inf, cap * capped)
-    xs, ls, _ = _normalize(xp, x / temp, None)
-    logp = xs - ls
-    p = xp.exp(logp)
-    c = x.shape[-1]
-    onehot = tokens[..., None] == xp.arange(c, dtype=tokens.dtype)
-    valid = (tokens >= 0) & (tokens < c)
-    kept = a["where"][..., 0] if "where" in a else xp.ones(tokens.shape, dtype=bool)
-    lp = xp.sum(xp.where(onehot, logp, 0), axis=-1)
-    lp = xp.where(kept, xp.where(valid, lp, xp.nan), 0)
-    ent = -xp.sum(_mul0(xp, p, logp), axis=-1)
-    entropy = o.get("return_entropy", False)
-    g_lp, g_ent = (g[..., 0], g[..., 1]) if entropy else (g, xp.zeros_like(g))
-    g_lp = xp.where(kept, xp.where(valid, g_lp, xp.nan), 0)[..., None]
-    g_ent = xp.where(kept, g_ent, 0)[..., None]
-    # d log p_y / dz = onehot - p;  d H / dz = -p (log p + H).
-    dx = g_lp * (onehot - p) - g_ent * _mul0(xp, p, logp + ent[..., None])
-    dx = dx / temp
-    if cap is not None:
-        dx = dx * (1 - capped**2)
-    value = xp.stack([lp, xp.where(kept, ent, 0)], axis=-1) if entropy else lp
-    out = {
-        "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
-        "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
-    }
-    if "bias" in a:
-        out["bias"] = xp.sum(dx, axis=1)
-    return value, out
+        t = xp.where(t == -xp.inf, -xp.inf, cap * xp.tanh(t / cap))
+
+    def jsd(x, unit):
+        jsd_opts = {
+            "beta": o.get("beta", 0.5),
+            "temperature": o.get("temperature", 1.0),
+            "reduction": "none",
+        }
+        inner = {"logits": x, "target_logits": t}
+        value, grads = ref_softmax_generalized_jsd(xp, inner, jsd_opts, unit)
+        return value, grads["logits"]
+
+    frozen = ("teacher_hidden", "teacher_weight", "teacher_bias")
+    return _linear_head(xp, a, o, g, jsd, frozen)
 
 
 def _softplus(xp, v):
@@ -546,29 +514,11 @@ ref_convex_kl_divergence = ref_generalized_kl_divergence
 
 
 def ref_linear_topk_distillation(xp, a, o, g):
-    """Materialized student logits ``x = h W + b`` (capped): ``soft_weight``
-    times the top-k KL of ``ref_softmax_topk_kl_divergence`` plus
-    ``hard_weight`` times the integer-label cross-entropy of ``x`` (at T = 1),
-    per token; a token mask (``where``, ``ignore_index``) excludes tokens. The
-    teacher's log-probabilities are frozen: zero gradients."""
-    hard, soft = o.get("hard_weight", 0.0), o.get("soft_weight", 1.0)
-    h, w = a["hidden"], a["weight"]
-    x = xp.matmul(h, w)
-    if "bias" in a:
-        x = x + a["bias"][:, None, :]
-    cap = o.get("softcap")
-    if cap is not None:
-        capped = xp.tanh(x / cap)
-        x = xp.where(x == -xp.inf, -xp.inf, cap * capped)
-    labels = a["labels"]
-    kept = xp.ones(labels.shape, dtype=bool)
-    if "where" in a:
-        kept = kept & a["where"][..., 0]
-    if o.get("ignore_index") is not None:
-        kept = kept & (labels != o["ignore_index"])
-    unit = xp.ones(labels.shape, dtype=x.dtype)
-    loss, dx = xp.zeros_like(unit), xp.zeros_like(x)
-    if soft:
+    """The student ``x = h W + b`` (capped) against a stored top-k teacher: the
+    KL of ``ref_softmax_topk_kl_divergence``, with the hard term of
+    ``_linear_head``; the teacher's log-probabilities get zero gradients."""
+
+    def topk(x, unit):
         inner = {
             "logits": x,
             "teacher_ids": a["teacher_ids"],
@@ -579,28 +529,10 @@ def ref_linear_topk_distillation(xp, a, o, g):
             "tail": o.get("tail", "bucket"),
             "reduction": "none",
         }
-        kl, grads = ref_softmax_topk_kl_divergence(xp, inner, topk_opts, unit)
-        loss, dx = loss + soft * kl, dx + soft * grads["logits"]
-    if hard:
-        inner = {"logits": x, "labels": xp.where(kept, labels, 0)}
-        ce, grads = ref_softmax_cross_entropy_with_integer_labels(
-            xp, inner, {"reduction": "none"}, unit
-        )
-        loss, dx = loss + hard * ce, dx + hard * grads["logits"]
-    count = xp.sum(kept, axis=1).astype(x.dtype)
-    value = _reduce(xp, xp.where(kept, loss, 0), o["reduction"], count)
-    coef = xp.where(kept[..., None], _coef(xp, g, o["reduction"], x.shape, count), 0)
-    dx = coef * dx
-    if cap is not None:
-        dx = dx * (1 - capped**2)
-    out = {
-        "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
-        "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
-        "teacher_log_probs": xp.zeros_like(a["teacher_log_probs"]),
-    }
-    if "bias" in a:
-        out["bias"] = xp.sum(dx, axis=1)
-    return value, out
+        value, grads = ref_softmax_topk_kl_divergence(xp, inner, topk_opts, unit)
+        return value, grads["logits"]
+
+    return _linear_head(xp, a, o, g, topk, ("teacher_log_probs",))
 
 
 def _token_weighted(ref):
