@@ -247,6 +247,50 @@ def ref_linear_softmax_distillation(xp, a, o, g):
     return _linear_head(xp, a, o, g, jsd, frozen)
 
 
+def ref_linear_log_probs(xp, a, o, g):
+    """Materialized logits ``h W + b`` (capped), ``log softmax(x / T)`` at each
+    token and, with ``return_entropy``, the entropy: then the value and the
+    cotangent are the pair stacked on a last axis of 2. Tokens excluded by
+    ``where`` give 0; an out-of-range token a NaN log-probability and NaN
+    gradients through it."""
+    h, w, tokens = a["hidden"], a["weight"], a["tokens"]
+    temp = o.get("temperature", 1.0)
+    x = xp.matmul(h, w)
+    if "bias" in a:
+        x = x + a["bias"][:, None, :]
+    cap = o.get("softcap")
+    if cap is not None:
+        capped = xp.tanh(x / cap)
+        x = xp.where(x == -xp.inf, -xp.inf, cap * capped)
+    xs, ls, _ = _normalize(xp, x / temp, None)
+    logp = xs - ls
+    p = xp.exp(logp)
+    c = x.shape[-1]
+    onehot = tokens[..., None] == xp.arange(c, dtype=tokens.dtype)
+    valid = (tokens >= 0) & (tokens < c)
+    kept = a["where"][..., 0] if "where" in a else xp.ones(tokens.shape, dtype=bool)
+    lp = xp.sum(xp.where(onehot, logp, 0), axis=-1)
+    lp = xp.where(kept, xp.where(valid, lp, xp.nan), 0)
+    ent = -xp.sum(_mul0(xp, p, logp), axis=-1)
+    entropy = o.get("return_entropy", False)
+    g_lp, g_ent = (g[..., 0], g[..., 1]) if entropy else (g, xp.zeros_like(g))
+    g_lp = xp.where(kept, xp.where(valid, g_lp, xp.nan), 0)[..., None]
+    g_ent = xp.where(kept, g_ent, 0)[..., None]
+    # d log p_y / dz = onehot - p;  d H / dz = -p (log p + H).
+    dx = g_lp * (onehot - p) - g_ent * _mul0(xp, p, logp + ent[..., None])
+    dx = dx / temp
+    if cap is not None:
+        dx = dx * (1 - capped**2)
+    value = xp.stack([lp, xp.where(kept, ent, 0)], axis=-1) if entropy else lp
+    out = {
+        "hidden": xp.matmul(dx, xp.swapaxes(w, 1, 2)),
+        "weight": xp.matmul(xp.swapaxes(h, 1, 2), dx),
+    }
+    if "bias" in a:
+        out["bias"] = xp.sum(dx, axis=1)
+    return value, out
+
+
 def _softplus(xp, v):
     return xp.logaddexp(xp.zeros_like(v), v)
 
