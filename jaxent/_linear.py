@@ -63,6 +63,7 @@ from ._streaming import optional_positive as _optional_positive
 from ._streaming import per_platform_chunk as _per_platform_chunk
 from ._streaming import slice_rows as _slice_rows
 from ._streaming import softcap as _softcap
+from ._streaming import tile_grads as _tile_grads
 from ._streaming import update_rows as _update_rows
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -604,14 +605,7 @@ def _xla_grads(h, w, b, y, lse, g, *, opts: _Opts, tile: int):
             gx = gx.astype(h.dtype)
 
             def update(inner):
-                dh, dwb, dbb = inner
-                dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
-                dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=acc)
-                dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
-                dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=acc)
-                if dbb is not None:
-                    dbb = dbb + jnp.sum(gx, axis=0, dtype=acc)
-                return dh, dwb, dbb
+                return _tile_grads(gx, hb, wb, r0, inner, acc)
 
             if kept is None:
                 return update(inner)

@@ -60,6 +60,7 @@ from ._streaming import (
     scale_grads,
     slice_rows,
     softcap,
+    tile_grads,
     token_weights_arg,
     tokens_arg,
     update_rows,
@@ -629,15 +630,7 @@ def _grads(h, w, b, th, tw, tb, y, g, stats: _Stats, *, opts: _Opts, tile: int):
             gx = _student_grad(x, tanh, t, yb, c0, gb, _Stats(*st), opts)
             # The matmuls run in the input dtype (bf16 stays bf16) with
             # accumulation in float32 (float64 for float64 inputs).
-            gx = gx.astype(h.dtype)
-            dh, dwb, dbb = inner
-            dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
-            dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=hacc)
-            dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
-            dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=hacc)
-            if dbb is not None:
-                dbb = dbb + jnp.sum(gx, axis=0, dtype=hacc)
-            return dh, dwb, dbb
+            return tile_grads(gx.astype(h.dtype), hb, wb, r0, inner, hacc)
 
         init = (
             dh,

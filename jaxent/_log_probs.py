@@ -46,6 +46,7 @@ from ._streaming import (
     per_platform_tile,
     slice_rows,
     softcap,
+    tile_grads,
     update_rows,
     varying,
 )
@@ -397,15 +398,7 @@ def _grads(h, w, b, y, g, e, shift, ls, ent, *, opts: _Opts, tile: int):
                 gx = gx * (1 - th * th)
             # The matmuls run in the input dtype (bf16 stays bf16) with
             # accumulation in float32 (float64 for float64 inputs).
-            gx = gx.astype(h.dtype)
-            dh, dwb, dbb = inner
-            dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
-            dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=acc)
-            dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
-            dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=acc)
-            if dbb is not None:
-                dbb = dbb + jnp.sum(gx, axis=0, dtype=acc)
-            return dh, dwb, dbb
+            return tile_grads(gx.astype(h.dtype), hb, wb, r0, inner, acc)
 
         init = (
             dh,

@@ -322,6 +322,22 @@ def logits_tile(h, w, b, r0, rn, c0, cw, acc):
     return hb, wb, x
 
 
+def tile_grads(gx, hb, wb, r0, carry, acc):
+    """One tile's logits gradient ``gx`` (in the input dtype) fed to the two
+    gradient matmuls, accumulated in ``acc``: ``carry`` is ``(d hidden [N,
+    D], d weight and d bias of the tile's columns or None)``, the tile's rows
+    from ``r0`` on."""
+    dh, dwb, dbb = carry
+    rn = gx.shape[0]
+    dhb = lax.dynamic_slice_in_dim(dh, r0, rn, 0)
+    dhb = dhb + jnp.matmul(gx, wb.T, preferred_element_type=acc)
+    dh = lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0)
+    dwb = dwb + jnp.matmul(hb.T, gx, preferred_element_type=acc)
+    if dbb is not None:
+        dbb = dbb + jnp.sum(gx, axis=0, dtype=acc)
+    return dh, dwb, dbb
+
+
 def softcap(x, cap):
     """``cap * tanh(x / cap)``, ``-inf`` kept (masked classes), and the tanh."""
     th = jnp.tanh(x / cap)
